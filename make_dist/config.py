@@ -1,0 +1,283 @@
+"""Typed configuration: one dataclass per part of a job, parsed once.
+
+A YAML file holds any subset of the sections below; `--set a.b=value`
+overrides single keys (the value is read as YAML: `--set loss.dkw=false`).
+An unknown key, a wrong type or a bad value raises ConfigError naming the
+key and the file, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be used; the message names the key and file."""
+
+
+@dataclass
+class ModelConfig:
+    # An open_clip architecture name (e.g. ViT-B-16) or a path to a model
+    # config JSON (open_clip's format; make_dist/model_configs/ has ours).
+    name: str = "ViT-B-16"
+    # An open_clip pretrained tag (e.g. "openai"; needs the internet) or a
+    # local checkpoint file. None: random initialisation.
+    pretrained: str | None = None
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _require(bool(self.name), "name", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str | None = None  # WebDataset URL or brace pattern, any fsspec URL
+    batch_size: int = 32  # per rank
+    num_workers: int = 2
+    subtexts: int = 8  # K: at most K sentences per caption (N = K + 3 slots)
+    context_length: int = 77
+    allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
+
+    def validate(self) -> None:
+        _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _require(self.subtexts >= 1, "subtexts", "must be >= 1")
+        _require(self.context_length >= 2, "context_length", "must be >= 2")
+
+
+@dataclass
+class LossConfig:
+    lam: float = 0.7  # weight of the fine-grained loss L_slra
+    sigma: float = 0.0  # patch-relevance threshold of the knowledge pooling
+    dkw: bool = True  # diagnosis-guided weights
+    slra: bool = True  # fine-grained subtext-to-region loss
+    subtexts: bool = True  # subtexts as positives of L_mkcl
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        from .objective import BACKENDS
+
+        _require(self.lam >= 0, "lam", "must be >= 0")
+        _require(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.1  # none on biases, norms and the logit scale
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 1500  # then cosine decay to 0 at the last step
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        _require(self.eps > 0, "eps", "must be > 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in all
+    workers: int = 1  # data-parallel ranks (Ray Train workers)
+    use_gpu: bool = False
+    zero_stage: int = 2
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = 500
+    storage: str = "runs"  # checkpoints and results: a folder or any fsspec URL
+    max_failures: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.steps > 0, "steps", "must be > 0")
+        _require(self.workers >= 1, "workers", "must be >= 1")
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")
+        _require(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
+        _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; None: a local sqlite store
+    experiment: str = "make-dist"
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        _require(bool(self.experiment), "experiment", "must not be empty")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{"section.key": value}: the form experiment trackers log as params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or the defaults), apply `a.b=value` overrides, check it."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    overridden = {_apply_override(raw, item) for item in overrides}
+    return from_dict(raw, source, overridden)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] = frozenset()) -> Config:
+    """A checked Config from nested dicts; `overridden` keys came from --set."""
+
+    def where(section: str, key: str) -> str:
+        return "--set" if f"{section}.{key}" in overridden else source
+
+    sections = {}
+    hints = typing.get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in hints:
+            src = "--set" if any(k.startswith(f"{name}.") for k in overridden) else source
+            raise ConfigError(f"{src}: unknown section {name!r} (known: {', '.join(hints)})")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+        sections[name] = _build_section(hints[name], value, name, where)
+    config = Config(**sections)
+    for name in hints:
+        section = getattr(config, name)
+        try:
+            section.validate()
+        except _Invalid as e:
+            where_ = where(name, e.key)
+            raise ConfigError(f"{where_}: {name}.{e.key} = {getattr(section, e.key)!r}: {e.why}") from None
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. loss.lam=0.5")
+    section = raw.setdefault(parts[0], {})
+    if section is None:
+        section = raw[parts[0]] = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"--set {item!r}: section {parts[0]!r} is not a mapping")
+    try:
+        section[parts[1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        section[parts[1]] = value
+    return ".".join(parts)
+
+
+def _build_section(cls, values: dict[str, Any], section: str, where):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{where(section, key)}: unknown key {section}.{key} (known in {section}: {', '.join(hints)})"
+            )
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except TypeError as e:
+            raise ConfigError(f"{where(section, key)}: {section}.{key} = {value!r}: {e}") from None
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint; widen int to float, lists to tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(" or ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise TypeError(f"expected a list of {len(args)} values")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("expected a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("expected an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError("expected a string")
+        return value
+    raise TypeError(f"unsupported type {hint}")
+
+
+class _Invalid(Exception):
+    def __init__(self, key: str, why: str):
+        self.key, self.why = key, why
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise _Invalid(key, why)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (tuples written as lists)."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return list(x)
+        return x
+
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)

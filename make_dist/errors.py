@@ -1,0 +1,6 @@
+"""Errors a user can act on: the CLI prints their message alone, no traceback."""
+
+
+class UserError(Exception):
+    """A problem in what the user asked for (a config, a file, a model name);
+    the message says what is wrong and where."""

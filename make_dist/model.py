@@ -1,0 +1,196 @@
+"""The encoders: open_clip's image and text towers, read for MAKE (SPEC section 2).
+
+    images (B, 3, H, W)  -> image (B, D), patches (B, P, D)
+    tokens (B, N, 77), mask (B, N) -> texts (B, N, D)
+
+Every output is L2-normalised. Only the valid text slots are encoded, with
+the context cut to the longest real token sequence among them: causal
+attention and EOT pooling make that identical to the full-length encoding.
+The logit scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim
+parameters), exponentiated and clamped at 100 in the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+MAX_SCALE = 100.0
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Files of an exported model, as open_clip's `local-dir:` loader expects them.
+EXPORT_CONFIG, EXPORT_WEIGHTS = "open_clip_config.json", "open_clip_pytorch_model.bin"
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """An architecture or weights that cannot be loaded; says what to do instead."""
+
+
+class MakeModel(nn.Module):
+    def __init__(self, clip: nn.Module, arch: dict):
+        super().__init__()
+        if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
+            raise ModelLoadError(
+                f"make-dist needs an open_clip CLIP with a ViT image tower and the CLIP text "
+                f"transformer; got {type(clip).__name__} with {type(clip.visual).__name__}"
+            )
+        if clip.visual.attn_pool is not None:
+            raise ModelLoadError("image towers with attentional pooling have no patch tokens to pool")
+        self.clip = clip
+        self.arch = arch  # open_clip model config, written out on export
+        clip.visual.output_tokens = True
+
+    # -- image -------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embedding v (B, D) and projected patch tokens p (B, P, D)."""
+        visual = self.clip.visual
+        pooled, tokens = visual(images)
+        if visual.final_ln_after_pool:  # tokens left un-normed by that variant
+            tokens = visual.ln_post(tokens)
+        patches = tokens @ visual.proj  # the pooled token's projection (SPEC 2)
+        return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
+
+    # -- texts -------------------------------------------------------------
+
+    def encode_texts(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Texts (B, N, D) from tokens (B, N, L); missing slots are zero vectors."""
+        B, N, L = tokens.shape
+        flat = tokens.reshape(B * N, L)
+        keep = mask.reshape(-1).nonzero().squeeze(1)
+        selected = flat.index_select(0, keep)
+        # One host sync per batch: the longest real sequence (pad id is 0).
+        length = max(int((selected != 0).sum(1).max()), 1) if keep.numel() else 1
+        encoded = self.encode_text(selected[:, :length])
+        out = encoded.new_zeros(B * N, encoded.shape[-1])
+        out = out.index_copy(0, keep, encoded)
+        return out.reshape(B, N, -1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings (T, D) of token rows (T, L), any L <= context."""
+        clip = self.clip
+        L = tokens.shape[1]
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:L].to(cast)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:L, :L])
+        x = clip.ln_final(x)
+        x = open_clip.transformer.text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+        if isinstance(clip.text_projection, nn.Linear):
+            x = clip.text_projection(x)
+        elif clip.text_projection is not None:
+            x = x @ clip.text_projection
+        return F.normalize(x, dim=-1)
+
+    # -- both ----------------------------------------------------------------
+
+    def scale(self) -> torch.Tensor:
+        """s = exp(logit_scale), clamped inside the forward: an in-place clamp after
+        the step would miss the fp32 master weights DeepSpeed keeps."""
+        return self.clip.logit_scale.exp().clamp(max=MAX_SCALE)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        image, patches = self.encode_image(images)
+        return {
+            "image": image,
+            "patches": patches,
+            "texts": self.encode_texts(tokens, mask),
+            "scale": self.scale(),
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else size
+
+    @property
+    def context_length(self) -> int:
+        return self.clip.context_length
+
+
+# ---------------------------------------------------------------------------
+# Building, tokenizer, export
+
+
+def resolve_architecture(name: str) -> tuple[str, dict]:
+    """(open_clip name, model config) for a built-in name, a config JSON path,
+    a bare name from make_dist/model_configs, or an exported model folder."""
+    path = Path(name)
+    if path.suffix == ".json" or (not path.suffix and (CONFIG_DIR / f"{name}.json").is_file()):
+        path = path if path.suffix == ".json" else CONFIG_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ModelLoadError(f"model config file not found: {path}")
+        arch = json.loads(path.read_text())
+        if not all(k in arch for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ModelLoadError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(path)
+        return path.stem, arch
+    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
+        return f"local-dir:{path}", json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
+    arch = open_clip.get_model_config(name)
+    if arch is None:
+        raise ModelLoadError(
+            f"unknown model {name!r}: not an open_clip architecture, a config .json file or an exported "
+            f"model folder (e.g. ViT-B-16, {CONFIG_DIR / 'make-tiny.json'})"
+        )
+    return name, arch
+
+
+def build_model(cfg: ModelConfig) -> MakeModel:
+    """The model of a ModelConfig, with its weights if `pretrained` names any."""
+    name, arch = resolve_architecture(cfg.name)
+    pretrained = cfg.pretrained
+    if pretrained and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ModelLoadError(
+                f"model.pretrained = {pretrained!r}: neither a local file nor a pretrained tag of {name} "
+                f"(tags: {', '.join(tags) or 'none'})"
+            )
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained, nonscalar_logit_scale=True)
+    except RuntimeError as e:
+        if pretrained and not os.path.isfile(pretrained):
+            raise ModelLoadError(
+                f"could not fetch the pretrained weights {pretrained!r} of {name}: the tag is downloaded "
+                f"from the internet ({e}). Offline, download the checkpoint where there is a connection "
+                f"and set model.pretrained to the local file's path."
+            ) from None
+        raise
+    model = MakeModel(clip, dict(arch))
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def tokenizer(cfg: ModelConfig):
+    """open_clip's tokenizer for the architecture: texts -> (T, context) int64."""
+    name, _ = resolve_architecture(cfg.name)
+    return open_clip.get_tokenizer(name)
+
+
+def export_open_clip(model: MakeModel, out_dir: str | Path) -> Path:
+    """Write the model as open_clip loads it: `open_clip.create_model('local-dir:OUT')`.
+
+    The files appear together or not at all (written beside, then renamed).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = dict(model.arch, nonscalar_logit_scale=True)
+    preprocess = dict(open_clip.get_model_preprocess_cfg(model.clip))
+    state = {k: v.detach().cpu().clone() for k, v in model.clip.state_dict().items()}
+    tmp_weights, tmp_config = out / f".{EXPORT_WEIGHTS}.tmp", out / f".{EXPORT_CONFIG}.tmp"
+    torch.save(state, tmp_weights)
+    tmp_config.write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess}, indent=2))
+    os.replace(tmp_weights, out / EXPORT_WEIGHTS)
+    os.replace(tmp_config, out / EXPORT_CONFIG)
+    return out

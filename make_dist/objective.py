@@ -1,0 +1,253 @@
+"""The MAKE objective (../shared/SPEC.md section 3): one module, read top to bottom.
+
+    L = L_mkcl + lam * L_slra
+
+Inputs are the embeddings of one rank's local batch (all L2-normalised):
+
+    image    (B, D)      pooled image embedding v
+    patches  (B, P, D)   projected patch tokens p
+    texts    (B, N, D)   slot 0 raw caption, 1 disease aspect, 2 concept aspect,
+                         3.. subtexts (sentences of the caption)
+    mask     (B, N)      True where slot n of sample b holds a text
+    scale    () or (1,)  s = exp(logit_scale), already clamped
+
+Data parallel. With torch.distributed initialised and world size G > 1, every
+rank computes the terms of its own rows against the columns gathered from all
+ranks. The value returned on every rank is the loss of the concatenated global
+batch. The backward carries G times this rank's share of the global gradient,
+because data-parallel engines (DDP, DeepSpeed) *average* gradients over
+ranks: after that average every parameter receives exactly the gradient of
+the single-process loss on the global batch.
+
+Nothing here loops over samples or captions, and nothing reads a value back
+to the host: the whole objective is a handful of batched matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Slot layout of the N = K + 3 texts of a sample.
+RAW, DISEASE, CONCEPT, FIRST_SUBTEXT = 0, 1, 2, 3
+
+BACKENDS = ("torch", "auto")
+
+
+def make_loss(
+    image: torch.Tensor,
+    patches: torch.Tensor,
+    texts: torch.Tensor,
+    mask: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    lam: float = 0.7,
+    sigma: float = 0.0,
+    dkw: bool = True,
+    slra: bool = True,
+    subtexts: bool = True,
+    backend: str = "torch",
+) -> dict[str, torch.Tensor]:
+    """The MAKE loss terms: ``total``, ``mkcl``, ``i2t``, ``t2i``, ``slra``.
+
+    Switches (ablations, Table 3 of the paper): ``subtexts`` off drops slots 3..
+    from L_mkcl (as positives and as negatives), ``slra`` off sets lambda to 0
+    (and ``slra`` reports 0), ``dkw`` off gives every valid text weight 1.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"make_loss: backend {backend!r} is not available; choose one of {BACKENDS}"
+        )
+    _check_shapes(image, patches, texts, mask, scale)
+    dtype = torch.promote_types(image.dtype, torch.float32)  # accumulate in >= fp32
+    image, patches, texts = image.to(dtype), patches.to(dtype), texts.to(dtype)
+    s = scale.to(dtype).reshape(())
+    mask = mask.bool()
+    # A missing slot holds no text: zero it so nothing it contains can leak in.
+    texts = texts.masked_fill(~mask[..., None], 0.0)
+
+    weights = aspect_weights(texts, mask, dkw=dkw)  # (B, N), detached, 0 where missing
+    in_mkcl = mask.clone()
+    if not subtexts:
+        in_mkcl[:, FIRST_SUBTEXT:] = False
+    w_mkcl = weights * in_mkcl
+    w_slra = weights[:, FIRST_SUBTEXT:]
+    knowledge = knowledge_embedding(patches, texts[:, RAW], sigma) if slra else None
+
+    world = _world_size()
+    cols = gather_columns(image, texts, in_mkcl, knowledge, world)
+    den = _all_reduce(torch.stack([w_mkcl.sum(), w_slra.sum()]), world)
+
+    # s * v_b . t_bn: the positive logit of every (image, own text) pair.
+    positive = s * torch.einsum("bd,bnd->bn", image, texts)
+
+    # L_i2t: every positive of image b shares its one row denominator LSE_b.
+    lse_image = column_logsumexp(image, cols.texts, cols.text_valid, s)  # (B,)
+    i2t = (w_mkcl.sum(1) * lse_image).sum() - (w_mkcl * positive).sum()
+
+    # L_t2i: each text against all global images.
+    lse_text = column_logsumexp(texts.flatten(0, 1), cols.images, None, s)  # (B*N,)
+    t2i = (w_mkcl.flatten() * lse_text).sum() - (w_mkcl * positive).sum()
+
+    # L_slra: each subtext against the knowledge-enhanced embedding of every image.
+    if knowledge is not None and texts.shape[1] > FIRST_SUBTEXT:
+        sub = texts[:, FIRST_SUBTEXT:]
+        lse_sub = column_logsumexp(sub.flatten(0, 1), cols.knowledge, None, s)
+        sub_positive = s * torch.einsum("bd,bnd->bn", knowledge, sub)
+        slra_num = (w_slra.flatten() * lse_sub).sum() - (w_slra * sub_positive).sum()
+    else:
+        slra_num = image.new_zeros(())
+
+    i2t, t2i, slra_term = _global_mean(
+        torch.stack([i2t, t2i, slra_num]), den[[0, 0, 1]], world
+    ).unbind()
+    mkcl = (i2t + t2i) / 2
+    total = mkcl + lam * slra_term if slra else mkcl
+    return {"total": total, "mkcl": mkcl, "i2t": i2t, "t2i": t2i, "slra": slra_term}
+
+
+# ---------------------------------------------------------------------------
+# The pieces of the objective
+
+
+def aspect_weights(texts: torch.Tensor, mask: torch.Tensor, *, dkw: bool = True) -> torch.Tensor:
+    """Diagnosis-guided weights w (B, N), Eq. 7, detached.
+
+    Slots 0-2 weigh 1; subtext n weighs exp(c_bn - max_n' c_bn') with
+    c_bn = t_b1 . t_bn (the most relevant subtext gets 1). Without a disease
+    text, or with dkw off, every subtext weighs 1. Missing slots weigh 0.
+    """
+    texts = texts.detach()
+    valid = mask.float().to(texts.dtype)
+    if not dkw or texts.shape[1] <= FIRST_SUBTEXT:
+        return valid
+    sub_valid = mask[:, FIRST_SUBTEXT:]
+    c = torch.einsum("bd,bnd->bn", texts[:, DISEASE], texts[:, FIRST_SUBTEXT:])
+    c = c.masked_fill(~sub_valid, float("-inf"))
+    c_max = c.amax(1, keepdim=True)
+    # Rows with no valid subtext have c_max = -inf: their weights are 0 anyway.
+    w_sub = torch.where(sub_valid, torch.exp(c - c_max.clamp_min(-1e4)), 0.0)
+    has_disease = mask[:, DISEASE : DISEASE + 1]
+    w_sub = torch.where(has_disease, w_sub, sub_valid.to(texts.dtype))
+    return torch.cat([valid[:, :FIRST_SUBTEXT], w_sub], 1)
+
+
+def knowledge_embedding(patches: torch.Tensor, raw_text: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """Knowledge-enhanced visual embedding e_b (B, D), Eq. 5, one per image.
+
+    z_bq = r_bq [r_bq >= sigma], r_bq = t_b0 . p_bq; e_b = normalise(sum_q z_bq p_bq),
+    the zero vector when every z_bq is 0. The paper's division by sum z is a
+    positive rescaling that the cosine of Eq. 6 removes.
+    """
+    r = torch.einsum("bpd,bd->bp", patches, raw_text)
+    z = torch.where(r >= sigma, r, torch.zeros_like(r))
+    pooled = torch.einsum("bp,bpd->bd", z, patches)
+    # F.normalize divides by max(norm, eps): a zero vector stays zero, finite grads.
+    return F.normalize(pooled, dim=-1, eps=1e-12)
+
+
+def column_logsumexp(
+    rows: torch.Tensor, cols: torch.Tensor, col_valid: torch.Tensor | None, scale: torch.Tensor
+) -> torch.Tensor:
+    """LSE_r = log sum over valid columns c of exp(scale * rows_r . cols_c), (R,).
+
+    The dense path: materialises the R x C logits once. This is the operation
+    the fused kernel (SPEC section 4) computes tile by tile.
+    """
+    logits = scale * rows @ cols.T
+    if col_valid is not None:
+        logits = logits.masked_fill(~col_valid, float("-inf"))
+    return torch.logsumexp(logits, dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Data parallel plumbing
+
+
+class _Columns:
+    """The columns every rank scores its rows against, gathered from all ranks."""
+
+    def __init__(self, images, texts, text_valid, knowledge):
+        self.images = images  # (G*B, D)
+        self.texts = texts  # (G*B*N, D)
+        self.text_valid = text_valid  # (G*B*N,) bool
+        self.knowledge = knowledge  # (G*B, D) or None
+
+
+def gather_columns(image, texts, text_valid, knowledge, world: int) -> _Columns:
+    """One all-gather (with gradient) of images, texts, validity and knowledge."""
+    B, N, D = texts.shape
+    parts = [image, texts.flatten(1), text_valid.to(image.dtype)]
+    if knowledge is not None:
+        parts.append(knowledge)
+    packed = torch.cat(parts, 1)
+    if world > 1:
+        packed = _GatherWithGrad.apply(packed)
+    images, flat_texts, valid, rest = packed.split([D, N * D, N, packed.shape[1] - D - N * D - N], 1)
+    return _Columns(
+        images=images,
+        texts=flat_texts.reshape(-1, D),
+        text_valid=valid.reshape(-1).detach() > 0.5,
+        knowledge=rest if knowledge is not None else None,
+    )
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient of the
+    gathered tensor and returns this rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((ctx.rows,) + grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        # gloo has no reduce-scatter: sum everything, keep our slice.
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum of a detached tensor over ranks."""
+    x = x.detach().clone()
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _global_mean(numerators: torch.Tensor, denominators: torch.Tensor, world: int) -> torch.Tensor:
+    """Global weighted means whose value is the global loss on every rank and
+    whose gradient is ``world`` times this rank's share (see module docstring)."""
+    share = numerators / denominators.clamp_min(torch.finfo(denominators.dtype).tiny)
+    if world == 1:
+        return share
+    value = _all_reduce(share, world)
+    return world * share + (value - world * share).detach()
+
+
+def _check_shapes(image, patches, texts, mask, scale) -> None:
+    B, D = image.shape
+    if patches.ndim != 3 or patches.shape[0] != B or patches.shape[2] != D:
+        raise ValueError(f"make_loss: patches must be (B={B}, P, D={D}), got {tuple(patches.shape)}")
+    if texts.ndim != 3 or texts.shape[0] != B or texts.shape[2] != D:
+        raise ValueError(f"make_loss: texts must be (B={B}, N, D={D}), got {tuple(texts.shape)}")
+    if tuple(mask.shape) != tuple(texts.shape[:2]):
+        raise ValueError(f"make_loss: mask must be (B, N)={tuple(texts.shape[:2])}, got {tuple(mask.shape)}")
+    if scale.numel() != 1:
+        raise ValueError(f"make_loss: scale must hold one value, got shape {tuple(scale.shape)}")

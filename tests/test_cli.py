@@ -1,0 +1,43 @@
+"""The `make-dist` command line, run as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+EXE = Path(sys.executable).parent / "make-dist"  # the installed console script
+
+
+def run(*args, cwd=None):
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_help_lists_subcommands():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("config", "model"):
+        assert command in out.stdout
+
+
+def test_config_prints_resolved_yaml(repo_root):
+    out = run("config", "--config", str(repo_root / "configs/tiny.yaml"), "--set", "loss.lam=0.25")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["loss"]["lam"] == 0.25 and resolved["model"]["name"] == "make-tiny"
+
+
+def test_bad_config_fails_naming_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: fast\n")
+    out = run("config", "--config", str(path))
+    assert out.returncode == 2
+    assert f"{path}: optim.lr = 'fast': expected a number" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_model_export(repo_root, tmp_path):
+    out = run("model", "--config", str(repo_root / "configs/tiny.yaml"), "--export", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    assert "M parameters" in out.stdout
+    assert (tmp_path / "m/open_clip_config.json").is_file() and (tmp_path / "m/open_clip_pytorch_model.bin").is_file()

@@ -1,0 +1,134 @@
+"""Encoders: what they return, the exactness of the fast text path, export."""
+
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from make_dist.config import ModelConfig
+from make_dist.model import MAX_SCALE, ModelLoadError, build_model, export_open_clip, tokenizer
+
+TINY = ModelConfig(name="make-tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tok = tokenizer(TINY)
+    texts = [
+        ["Scaly red plaques on both elbows for two years. They itch at night.", "This is a skin photo diagnosed as inflammatory, psoriasis.",
+         "This skin photo shows plaque, scale, erythema.", "Scaly red plaques on both elbows for two years", "They itch at night"],
+        ["A dark irregular mole", "", "This skin photo shows hyperpigmentation.", "A dark irregular mole", ""],
+        ["Small blisters", "This is a skin photo diagnosed as infectious, herpes simplex.", "", "Small blisters", ""],
+    ]
+    tokens = tok([t for row in texts for t in row]).reshape(3, 5, -1)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [1, 1, 0, 1, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 64, 64, generator=g), tokens, mask
+
+
+def test_outputs_are_normalised_with_patch_tokens(model, batch):
+    images, tokens, mask = batch
+    out = model(images, tokens, mask)
+    assert out["image"].shape == (3, 128) and out["patches"].shape == (3, 64, 128)  # (64/8)^2 patches
+    assert out["texts"].shape == (3, 5, 128) and out["scale"].shape == (1,)
+    for key in ("image", "patches"):
+        assert torch.allclose(out[key].norm(dim=-1), torch.ones(out[key].shape[:-1]), atol=1e-5)
+    assert torch.allclose(out["texts"][mask].norm(dim=-1), torch.ones(int(mask.sum())), atol=1e-5)
+    assert torch.equal(out["texts"][~mask], torch.zeros_like(out["texts"][~mask]))
+
+
+def test_image_embedding_is_open_clips(model, batch):
+    images = batch[0]
+    pooled = model.clip.visual(images)[0]
+    assert torch.allclose(model(images, batch[1], batch[2])["image"], F.normalize(pooled, dim=-1), atol=1e-6)
+
+
+def test_patches_are_the_final_normed_tokens_projected(model, batch):
+    images = batch[0]
+    visual = model.clip.visual
+    x = visual.transformer(visual._embeds(images))
+    want = F.normalize(visual.ln_post(x)[:, 1:] @ visual.proj, dim=-1)
+    assert torch.allclose(model.encode_image(images)[1], want, atol=1e-5)
+
+
+def test_cut_context_and_skipped_slots_equal_full_encoding(model, batch):
+    """SPEC section 2 exactness rule: against every slot encoded at 77 tokens
+    by open_clip's own encode_text."""
+    images, tokens, mask = batch
+    fast = model.encode_texts(tokens, mask)
+    full = F.normalize(model.clip.encode_text(tokens.reshape(-1, tokens.shape[-1])), dim=-1).reshape(fast.shape)
+    assert torch.allclose(fast[mask], full[mask], atol=1e-5)
+    assert (tokens[mask] != 0).sum(-1).max() < 40  # the cut really was a cut
+
+
+def test_gradients_flow_through_fast_path(model, batch):
+    images, tokens, mask = batch
+    out = model(images, tokens, mask)
+    (out["texts"].sum() + out["patches"].sum() + out["scale"].sum()).backward()
+    assert model.clip.token_embedding.weight.grad is not None
+    assert model.clip.visual.proj.grad is not None and model.clip.logit_scale.grad is not None
+    model.zero_grad()
+
+
+def test_logit_scale_is_shape_1_and_clamped():
+    model = build_model(TINY)
+    assert model.clip.logit_scale.shape == (1,)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(10.0)  # exp(10) >> 100
+    assert model.scale().item() == MAX_SCALE
+
+
+def test_export_round_trip_with_open_clip_loaders(model, batch, tmp_path):
+    images, tokens, mask = batch
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(3.0)
+    out = export_open_clip(model, tmp_path / "export")
+    assert not list(out.glob(".*tmp"))
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    loaded.eval()
+    assert preprocess.transforms[0].size == 64
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    want = model.encode_text(flat)
+    assert torch.allclose(F.normalize(loaded.encode_text(flat), dim=-1), want, atol=1e-6)
+    assert torch.allclose(F.normalize(loaded.encode_image(images), dim=-1), model(images, tokens, mask)["image"], atol=1e-6)
+    assert loaded.logit_scale.item() == pytest.approx(3.0)
+    # and back into make-dist, by folder or as weights of the architecture
+    again = build_model(ModelConfig(name=str(out))).eval()
+    assert torch.allclose(again.encode_text(flat), want, atol=1e-6)
+    again = build_model(ModelConfig(name="make-tiny", pretrained=str(out / "open_clip_pytorch_model.bin"))).eval()
+    assert torch.allclose(again.encode_text(flat), want, atol=1e-6)
+
+
+def test_config_file_path_builds(repo_root):
+    model = build_model(ModelConfig(name=str(repo_root / "make_dist/model_configs/make-tiny.json")))
+    assert model.image_size == 64
+
+
+def test_unknown_name_and_bad_weights_fail_clearly(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown model 'ViT-Q-99'"):
+        build_model(ModelConfig(name="ViT-Q-99"))
+    with pytest.raises(ModelLoadError, match="neither a local file nor a pretrained tag"):
+        build_model(ModelConfig(name="make-tiny", pretrained=str(tmp_path / "missing.pt")))
+
+
+@pytest.mark.slow
+def test_pretrained_tag_offline_says_pass_a_local_file():
+    """No internet here: the tag cannot be fetched; the CLI says what to do."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # fail at once instead of after retries
+    run = subprocess.run(
+        [sys.executable, "-m", "make_dist.cli", "model", "--set", "model.name=ViT-B-16", "--set", "model.pretrained=openai"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 2
+    assert "set model.pretrained to the local file's path" in run.stderr
+    assert "Traceback" not in run.stderr
