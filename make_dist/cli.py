@@ -42,6 +42,28 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """Write the synthetic dermatology set: images, train table, held-out evaluation tables."""
+    from .data.synth import synthesize
+
+    rows = synthesize(args.out, n=args.n, n_eval=args.n_eval, size=args.size, seed=args.seed,
+                      workers=args.workers, fmt=args.format)
+    print(f"synth: {len(rows['train'])} training and {len(rows['eval'])} held-out images in {args.out} "
+          f"(train.csv, eval/classify.csv, eval/concepts.csv, eval/retrieval.csv, classes.yaml)")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    """Turn a CSV or Parquet table of images and captions into WebDataset shards."""
+    from .data.schema import load_columns
+    from .data.shards import write_shards
+
+    columns = load_columns(args.columns)
+    write_shards(args.table, args.out, columns, images_root=args.images_root, shard_size=args.shard_size,
+                 image_max_side=args.image_max_side, k=args.subtexts, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make-dist",
@@ -58,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--export", metavar="DIR", help="write an open_clip-loadable checkpoint folder")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("synth", help="write the synthetic dermatology set", description=cmd_synth.__doc__)
+    p.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")
+    p.add_argument("--n", type=int, default=1000, help="training images (default: 1000)")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out images (default: max(50, n/10))")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (default: 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("shards", help="write WebDataset shards from a table", description=cmd_shards.__doc__)
+    p.add_argument("--table", required=True, help="CSV or Parquet file (path or fsspec URL)")
+    p.add_argument("--images-root", help="folder or URL that relative image paths are under")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://, gs://, memory://, ...)")
+    p.add_argument("--columns", required=True, metavar="YAML",
+                   help="column mapping, e.g. configs/columns/synthetic.yaml, make_example.yaml, derm1m.yaml")
+    p.add_argument("--shard-size", type=int, default=1000, help="table rows per shard (default: 1000)")
+    p.add_argument("--image-max-side", type=int, default=None, metavar="PX",
+                   help="downscale images so the longer side is at most PX (e.g. 320 for 224-px training)")
+    p.add_argument("--subtexts", type=int, default=8, metavar="K", help="at most K sentences per caption")
+    p.add_argument("--workers", type=int, default=None, help="processes for image work (default: one per core)")
+    p.set_defaults(func=cmd_shards)
     return parser
 
 

@@ -173,7 +173,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] 
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
-        sections[name] = _build_section(hints[name], value, name, where)
+        sections[name] = build_section(hints[name], value, name, where)
     config = Config(**sections)
     for name in hints:
         section = getattr(config, name)
@@ -202,7 +202,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     return ".".join(parts)
 
 
-def _build_section(cls, values: dict[str, Any], section: str, where):
+def build_section(cls, values: dict[str, Any], section: str, where):
+    """A dataclass from a mapping, each value checked against its type hint;
+    `where(section, key)` names the source in errors."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
@@ -232,6 +234,10 @@ def _coerce(value: Any, hint: Any) -> Any:
             except TypeError as e:
                 errors.append(str(e))
         raise TypeError(" or ".join(errors))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("expected a list")
+        return [_coerce(v, args[0]) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise TypeError(f"expected a list of {len(args)} values")

@@ -29,8 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Slot layout of the N = K + 3 texts of a sample.
-RAW, DISEASE, CONCEPT, FIRST_SUBTEXT = 0, 1, 2, 3
+from .data.schema import DISEASE, FIRST_SUBTEXT, RAW
 
 BACKENDS = ("torch", "auto")
 

@@ -1,0 +1,100 @@
+"""SPEC section 1: slots, sentence decomposition, column mappings."""
+
+import math
+
+import pytest
+
+from make_dist.data.schema import (
+    Columns, RowError, Sample, concept_text, disease_text, load_columns, n_slots, split_sentences,
+)
+
+
+@pytest.mark.parametrize(
+    "caption,k,want",
+    [
+        ("Red plaques on the elbows. Itchy for years!", 8, ["Red plaques on the elbows", "Itchy for years!"]),
+        ("One? Two; three. Four.", 8, ["One?", "Two;", "three", "Four"]),
+        ("A lesion of 3.5 cm on the back", 8, ["A lesion of 3.5 cm on the back"]),  # no sentence end
+        ("  First.   Second.  ", 8, ["First", "Second"]),
+        ("a. b. c. d.", 2, ["a", "b"]),  # keep the first K
+        ("Ends without period. Then", 8, ["Ends without period", "Then"]),
+        ("Dots... then more.", 8, ["Dots..", "then more"]),
+    ],
+)
+def test_split_sentences(caption, k, want):
+    assert split_sentences(caption, k) == want
+
+
+def test_templates():
+    assert disease_text("malignant, melanoma") == "This is a skin photo diagnosed as malignant, melanoma."
+    assert concept_text(["plaque", " scale", "erythema"]) == "This skin photo shows plaque, scale, erythema."
+
+
+def test_sample_slots():
+    s = Sample(caption="Red plaque. Itchy.", disease_text="D.", concept_text=None)
+    slots = s.texts(k=4)
+    assert len(slots) == n_slots(4) == 7
+    assert slots == ["Red plaque. Itchy.", "D.", None, "Red plaque", "Itchy", None, None]
+    assert Sample.from_json(s.to_json()) == s
+
+
+def test_structured_columns_are_templated():
+    cols = Columns(disease="disease", concepts="concepts", label="label", extra=["site"])
+    row = {"image": "a.jpg", "caption": "Red plaque. Scaly.", "disease": "inflammatory, psoriasis",
+           "concepts": "plaque, scale", "label": "psoriasis", "site": "elbow"}
+    s = cols.sample(row)
+    assert s.disease_text == "This is a skin photo diagnosed as inflammatory, psoriasis."
+    assert s.concept_text == "This skin photo shows plaque, scale."
+    assert s.subtexts == ["Red plaque", "Scaly"] and s.label == "psoriasis" and s.extra == {"site": "elbow"}
+
+
+def test_missing_markers_and_nan_are_empty():
+    cols = Columns(disease="disease", concepts="concepts", missing=["", "nan", "no definitive diagnosis"])
+    s = cols.sample({"image": "a", "caption": "C", "disease": "No definitive diagnosis", "concepts": math.nan})
+    assert s.disease_text is None and s.concept_text is None
+
+
+def test_subtexts_from_json_column():
+    cols = Columns(subtexts="subs")
+    assert cols.sample({"image": "a", "caption": "C. D.", "subs": '["x", " y ", ""]'}).subtexts == ["x", "y"]
+    assert cols.sample({"image": "a", "caption": "C. D.", "subs": ""}).subtexts == ["C", "D"]
+    with pytest.raises(RowError, match="not a JSON list"):
+        cols.sample({"image": "a", "caption": "C", "subs": "[oops"})
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ({"image": "a", "caption": "   "}, "empty caption"),
+        ({"image": "a", "caption": math.nan}, "empty caption"),
+        ({"image": "a", "caption": 42}, "caption \\(column 'caption'\\) is int 42, not text"),
+        ({"image": "a", "caption": "bad \udcff byte"}, "not valid UTF-8"),
+    ],
+)
+def test_bad_rows_raise_with_reason(row, reason):
+    with pytest.raises(RowError, match=reason):
+        Columns().sample(row)
+
+
+def test_shipped_mappings(repo_root):
+    example = load_columns(repo_root / "configs/columns/make_example.yaml")
+    row = {"filename": "x.jpg", "truncated_caption": "Red. Scaly.", "ontology_caption": "This is a skin photo diagnosed as x.",
+           "visual_concept_caption": "This skin photo shows y.", **{f"subcaption_{i}": "" for i in range(1, 9)}}
+    row["subcaption_1"], row["subcaption_3"] = "first", "third"
+    s = example.sample(row)
+    assert s.disease_text == row["ontology_caption"] and s.concept_text == row["visual_concept_caption"]
+    assert s.subtexts == ["first", "third"]
+    derm = load_columns(repo_root / "configs/columns/derm1m.yaml")
+    s = derm.sample({"filename": "y.jpg", "truncated_caption": "C", "hierarchical_disease_label": "No definitive diagnosis",
+                     "skin_concept": "papule, pustule", "disease_label": "acne", "body_location": "face", "source": "pubmed"})
+    assert s.disease_text is None and s.concept_text == "This skin photo shows papule, pustule."
+    assert load_columns(repo_root / "configs/columns/synthetic.yaml").disease == "disease"
+
+
+def test_bad_mapping_names_file(tmp_path):
+    from make_dist.config import ConfigError
+
+    path = tmp_path / "m.yaml"
+    path.write_text("image: a\ncaptions: b\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: unknown key columns\.captions"):
+        load_columns(path)

@@ -1,0 +1,205 @@
+"""Ingestion: table -> WebDataset shards, bad input, atomic and resumable writes."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from make_dist.config import ModelConfig
+from make_dist.data.schema import Columns, Sample, load_columns
+from make_dist.data.shards import write_shards
+from make_dist.data.stream import SampleDecoder, StreamConfig, image_transform, make_loader, shard_urls
+from make_dist.model import tokenizer
+
+EXE = Path(sys.executable).parent / "make-dist"
+
+
+def save_image(path, size=(80, 60), colour=(200, 50, 50), fmt="JPEG", mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else colour + (255,)).save(path, format=fmt)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer(ModelConfig(name="make-tiny"))
+
+
+@pytest.fixture
+def table(tmp_path):
+    """Good rows of every shape, and a bad row for each case of SPEC/issue."""
+    img = tmp_path / "img"
+    save_image(img / "a.jpg")
+    save_image(img / "b.png", fmt="PNG", mode="RGBA")
+    save_image(img / "big.jpg", size=(800, 600))
+    (img / "garbage.jpg").write_bytes(b"this is not an image")
+    full = io.BytesIO()
+    Image.effect_noise((300, 300), 60).convert("RGB").save(full, format="JPEG")
+    (img / "truncated.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    rows = [
+        # image, caption, disease, concepts, subtexts
+        ("a.jpg", "Red plaque on the elbow. Itchy for years.", "inflammatory, psoriasis", "plaque, erythema", ""),
+        ("b.png", "A dark mole", "", "hyperpigmentation", ""),
+        ("big.jpg", "Blisters. In a band.", "infectious, herpes zoster", "", '["custom one", "custom two"]'),
+        ("missing.jpg", "No file", "", "", ""),
+        ("garbage.jpg", "Not an image", "", "", ""),
+        ("truncated.jpg", "Cut short", "", "", ""),
+        ("a.jpg", "   ", "", "", ""),
+        ("a.jpg", "Bad subtexts", "", "", "[oops"),
+        ("", "No image path", "", "", ""),
+    ]
+    frame = pd.DataFrame(rows, columns=["image", "caption", "disease", "concepts", "subtexts"])
+    path = tmp_path / "table.csv"
+    frame.to_csv(path, index=False)
+    # a row whose caption holds bytes that are not UTF-8
+    with open(path, "ab") as f:
+        f.write(b'a.jpg,"caf\xe9 au lait macule",,,\n')
+    return path, img
+
+
+COLUMNS = Columns(disease="disease", concepts="concepts", subtexts="subtexts")
+GOOD = {0, 1, 2}
+
+
+def test_round_trip_exact_texts_and_masks(table, tmp_path, tok):
+    path, img = table
+    manifest = write_shards(str(path), str(tmp_path / "out"), COLUMNS, images_root=str(img), shard_size=4,
+                            image_max_side=200, workers=2, progress=False)
+    assert manifest["samples"] == 3 and manifest["shards"] == ["shard-000000.tar"]
+    reasons = {s["row"]: s["reason"] for s in manifest["skipped"]}
+    assert reasons[3] == "image not found"
+    assert reasons[4].startswith("image unreadable") and reasons[5].startswith("image unreadable")
+    assert "empty caption" in reasons[6] and "not a JSON list" in reasons[7]
+    assert "no image path" in reasons[8] and "not valid UTF-8" in reasons[9]
+    assert set(reasons) | GOOD == set(range(10))
+    assert json.loads((tmp_path / "out/manifest.json").read_text()) == manifest
+
+    with tarfile.open(tmp_path / "out/shard-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert set(members) == {f"{r:09d}.{e}" for r in GOOD for e in ("jpg", "json")}
+    big = Image.open(io.BytesIO(members["000000002.jpg"]))
+    assert big.format == "JPEG" and max(big.size) == 200  # downscaled at write time
+    assert Image.open(io.BytesIO(members["000000001.jpg"])).mode == "RGB"  # RGBA PNG re-encoded
+
+    loader = make_loader(StreamConfig(urls=shard_urls(str(tmp_path / "out/manifest.json")), batch_size=8,
+                                      image_size=32, k=4, train=False, resampled=False, num_workers=0), tok)
+    (batch,) = list(loader)
+    assert batch["keys"] == [f"{r:09d}" for r in sorted(GOOD)]
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["tokens"].shape == (3, 7, 77)
+    want = [
+        ["Red plaque on the elbow. Itchy for years.", "This is a skin photo diagnosed as inflammatory, psoriasis.",
+         "This skin photo shows plaque, erythema.", "Red plaque on the elbow", "Itchy for years", None, None],
+        ["A dark mole", None, "This skin photo shows hyperpigmentation.", "A dark mole", None, None, None],
+        ["Blisters. In a band.", "This is a skin photo diagnosed as infectious, herpes zoster.", None,
+         "custom one", "custom two", None, None],
+    ]
+    for b, texts in enumerate(want):
+        assert batch["mask"][b].tolist() == [t is not None for t in texts]
+        for n, text in enumerate(texts):
+            expected = tok([text])[0] if text else torch.zeros(77, dtype=torch.long)
+            assert torch.equal(batch["tokens"][b, n], expected), (b, n)
+
+
+def test_make_example_layout(tmp_path, repo_root, tok):
+    img = tmp_path / "img"
+    save_image(img / "e1.jpg")
+    row = {"filename": "e1.jpg", "truncated_caption": "Scaly plaques. On the knee.",
+           "ontology_caption": "This is a skin photo diagnosed as inflammatory, psoriasis.",
+           "visual_concept_caption": "This skin photo shows plaque, scale.",
+           **{f"subcaption_{i}": "" for i in range(1, 9)}}
+    row["subcaption_1"], row["subcaption_2"] = "Scaly plaques", "On the knee"
+    pd.DataFrame([row]).to_parquet(tmp_path / "example.parquet")
+    columns = load_columns(repo_root / "configs/columns/make_example.yaml")
+    manifest = write_shards(str(tmp_path / "example.parquet"), str(tmp_path / "out"), columns,
+                            images_root=str(img), workers=1, progress=False)
+    assert manifest["samples"] == 1
+    with tarfile.open(tmp_path / "out/shard-000000.tar") as tar:
+        record = json.loads(tar.extractfile("000000000.json").read())
+    assert Sample.from_json(record).texts(2) == [
+        row["truncated_caption"], row["ontology_caption"], row["visual_concept_caption"], "Scaly plaques", "On the knee"]
+
+
+def test_parquet_typed_fields(tmp_path):
+    img = tmp_path / "img"
+    save_image(img / "a.jpg")
+    frame = pd.DataFrame({"image": ["a.jpg", "a.jpg", "a.jpg"], "caption": ["Fine.", None, "Also fine."],
+                          "label": ["x", "y", "z"]})
+    frame["count"] = [1, 2, 3]
+    frame.to_parquet(tmp_path / "t.parquet")
+    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), Columns(label="count"),
+                            images_root=str(img), workers=1, progress=False)
+    reasons = {s["row"]: s["reason"] for s in manifest["skipped"]}
+    assert "empty caption" in reasons[1] and "label (column 'count') is int" in reasons[0]
+
+
+def test_table_errors_name_file_and_column(tmp_path):
+    from make_dist.errors import UserError
+
+    (tmp_path / "t.csv").write_text("img,caption\na.jpg,x\n")
+    with pytest.raises(UserError, match=r"t\.csv: no column 'image' \(the table has: img, caption\)"):
+        write_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), Columns(), progress=False)
+    (tmp_path / "e.csv").write_text("image,caption\n")
+    with pytest.raises(UserError, match="no rows"):
+        write_shards(str(tmp_path / "e.csv"), str(tmp_path / "o"), Columns(), progress=False)
+    with pytest.raises(UserError, match="table not found"):
+        write_shards(str(tmp_path / "nope.csv"), str(tmp_path / "o"), Columns(), progress=False)
+
+
+def test_memory_fs_shards_and_stream(tmp_path, tok):
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(buf, format="JPEG")
+    fs.pipe("/src/images/g.jpg", buf.getvalue())
+    pd.DataFrame({"image": ["g.jpg"] * 5, "caption": [f"Green {i}. Round." for i in range(5)]}).to_csv(
+        tmp_path / "t.csv", index=False)
+    manifest = write_shards(str(tmp_path / "t.csv"), "memory://shards", Columns(),
+                            images_root="memory://src/images", shard_size=2, workers=1, progress=False)
+    assert manifest["samples"] == 5 and len(manifest["shards"]) == 3
+    assert fs.exists("/shards/shard-000002.tar") and fs.exists("/shards/manifest.json")
+    urls = shard_urls("memory://shards/manifest.json")
+    batches = list(make_loader(StreamConfig(urls=urls, batch_size=2, image_size=32, train=False, resampled=False,
+                                            num_workers=0), tok))
+    assert sum(len(b["keys"]) for b in batches) == 5
+
+
+def test_interrupted_run_leaves_no_corrupt_shard_and_resumes(tmp_path):
+    """Kill a real `make-dist shards` mid-run, look at what it left, run it again."""
+    img = tmp_path / "img"
+    for i in range(4):
+        save_image(img / f"{i}.jpg", size=(256, 256), colour=(40 * i, 90, 90))
+    rows = 600
+    pd.DataFrame({"image": [f"{i % 4}.jpg" for i in range(rows)],
+                  "caption": [f"Case {i}. Seen today." for i in range(rows)]}).to_csv(tmp_path / "t.csv", index=False)
+    mapping = tmp_path / "cols.yaml"
+    mapping.write_text("image: image\ncaption: caption\n")
+    out = tmp_path / "out"
+    cmd = [str(EXE), "shards", "--table", str(tmp_path / "t.csv"), "--images-root", str(img), "--out", str(out),
+           "--columns", str(mapping), "--shard-size", "10", "--image-max-side", "128", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "_parts/shard-000002.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert 3 <= len(done) < rows // 10, "the kill should land mid-run"
+    for name in done:  # every visible shard is whole
+        with tarfile.open(out / name) as tar:
+            assert len(tar.getnames()) == 20
+    assert not (out / "manifest.json").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == rows and len(manifest["shards"]) == rows // 10 and manifest["skipped"] == []

@@ -1,0 +1,143 @@
+"""Streaming: rank and worker splits, equal batch counts, corrupt samples, URL policy."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from make_dist.config import ModelConfig
+from make_dist.data.stream import StreamConfig, image_transform, make_loader, shard_urls
+from make_dist.errors import UserError
+from make_dist.model import tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer(ModelConfig(name="make-tiny"))
+
+
+def jpeg(colour=(120, 60, 60), size=(48, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def record(key):
+    return json.dumps({"caption": f"Case {key}. Two sentences.", "disease_text": None,
+                       "concept_text": "This skin photo shows papule.", "subtexts": []}).encode()
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    """7 shards of very different sizes: 1 to 25 samples."""
+    root = tmp_path_factory.mktemp("shards")
+    sizes = [25, 1, 9, 3, 14, 2, 6]
+    keys, urls, n = [], [], 0
+    for i, size in enumerate(sizes):
+        members = []
+        for _ in range(size):
+            key = f"{n:09d}"
+            members += [(f"{key}.jpg", jpeg()), (f"{key}.json", record(key))]
+            keys.append(key)
+            n += 1
+        write_tar(root / f"shard-{i:06d}.tar", members)
+        urls.append(str(root / f"shard-{i:06d}.tar"))
+    return urls, keys
+
+
+def keys_of(loader):
+    return [k for batch in loader for k in batch["keys"]]
+
+
+def test_exact_mode_two_ranks_two_workers_see_each_sample_once(uneven_shards, tok):
+    urls, keys = uneven_shards
+    seen = []
+    for rank in range(2):
+        cfg = StreamConfig(urls=urls, batch_size=4, image_size=32, train=False, resampled=False,
+                           num_workers=2, rank=rank, world=2)
+        seen += keys_of(make_loader(cfg, tok))
+    assert sorted(seen) == sorted(keys)  # every sample, none twice
+
+
+def test_resampled_mode_gives_every_rank_the_same_batch_count(uneven_shards, tok):
+    urls, _ = uneven_shards
+    counts = []
+    for rank in range(2):
+        cfg = StreamConfig(urls=urls[:3] if rank == 0 else urls[3:], batch_size=4, image_size=32, train=True,
+                           resampled=True, batches_per_worker=5, num_workers=2, rank=rank, world=2,
+                           shuffle_buffer=10)
+        batches = list(make_loader(cfg, tok))
+        counts.append(len(batches))
+        assert all(b["image"].shape == (4, 3, 32, 32) for b in batches)  # full batches only
+    assert counts == [10, 10]  # batches_per_worker x workers, however uneven the shards
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
+    members = []
+    for i in range(6):
+        key = f"{i:09d}"
+        image = b"\xff\xd8 not really a jpeg" if i in (1, 4) else jpeg()
+        data = b"{broken json" if i == 2 else record(key)
+        members += [(f"{key}.jpg", image), (f"{key}.json", data)]
+    write_tar(tmp_path / "bad.tar", members)
+    cfg = StreamConfig(urls=[str(tmp_path / "bad.tar")], batch_size=2, image_size=32, train=False,
+                       resampled=False, num_workers=0)
+    batches = list(make_loader(cfg, tok))
+    assert keys_of(batches) == [f"{i:09d}" for i in (0, 3, 5)]
+    assert sum(int(b["skipped"]) for b in batches) == 3
+
+
+def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
+    members = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.effect_noise((200, 200), 80).convert("RGB").save(buf, format="JPEG")  # ~20 kB each
+        members += [(f"{i:09d}.jpg", buf.getvalue()), (f"{i:09d}.json", record(i))]
+    write_tar(tmp_path / "whole.tar", members)
+    data = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.6)])
+    cfg = StreamConfig(urls=[str(tmp_path / "cut.tar")], batch_size=8, image_size=32, train=False,
+                       resampled=False, num_workers=0)
+    batches = list(make_loader(cfg, tok))
+    assert 1 <= len(keys_of(batches)) < 4 and sum(int(b["skipped"]) for b in batches) >= 1
+
+
+def test_pipe_urls_need_explicit_permission(uneven_shards, tok):
+    urls, keys = uneven_shards
+    piped = f"pipe:cat {urls[1]}"
+    with pytest.raises(UserError, match="allow_pipe"):
+        shard_urls(piped)
+    cfg = StreamConfig(urls=shard_urls(piped, allow_pipe=True), batch_size=4, image_size=32, train=False,
+                       resampled=False, num_workers=0)
+    assert keys_of(make_loader(cfg, tok)) == [keys[25]]
+
+
+def test_brace_patterns_expand(uneven_shards):
+    urls, _ = uneven_shards
+    pattern = urls[0].replace("shard-000000", "shard-{000000..000006}")
+    assert shard_urls(pattern) == urls
+
+
+def test_transforms_match_spec():
+    train = image_transform(224, train=True)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "ToTensor", "Normalize"]
+    crop, jitter, grey = train.transforms[0], train.transforms[1], train.transforms[2]
+    assert crop.size == (224, 224) and crop.scale == (0.4, 1.0)
+    assert jitter.p == 0.8 and grey.p == 0.2
+    cj = jitter.transforms[0]
+    ranges = [cj.brightness, cj.contrast, cj.saturation, cj.hue]
+    assert ranges == [pytest.approx(r) for r in ((0.68, 1.32), (0.68, 1.32), (0.68, 1.32), (-0.08, 0.08))]
+    out = image_transform(64, train=False)(Image.new("RGB", (100, 80)))
+    assert out.shape == (3, 64, 64)
