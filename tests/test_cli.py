@@ -16,7 +16,7 @@ def run(*args, cwd=None):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("config", "model"):
+    for command in ("config", "model", "synth", "shards"):
         assert command in out.stdout
 
 
@@ -41,3 +41,20 @@ def test_model_export(repo_root, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "M parameters" in out.stdout
     assert (tmp_path / "m/open_clip_config.json").is_file() and (tmp_path / "m/open_clip_pytorch_model.bin").is_file()
+
+
+def test_synth_then_shards(repo_root, tmp_path):
+    out = run("synth", "--out", str(tmp_path / "synth"), "--n", "20", "--n-eval", "5", "--size", "64", "--workers", "1")
+    assert out.returncode == 0, out.stderr
+    assert "20 training and 5 held-out images" in out.stdout
+    out = run("shards", "--table", str(tmp_path / "synth/train.csv"), "--images-root", str(tmp_path / "synth"),
+              "--out", str(tmp_path / "shards"), "--columns", str(repo_root / "configs/columns/synthetic.yaml"),
+              "--shard-size", "8", "--workers", "1")
+    assert out.returncode == 0, out.stderr
+    assert "20 samples in 3 shards" in out.stdout and "skipped 0 rows" in out.stdout
+
+
+def test_shards_with_missing_table_fails_clearly(repo_root, tmp_path):
+    out = run("shards", "--table", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"),
+              "--columns", str(repo_root / "configs/columns/synthetic.yaml"))
+    assert out.returncode == 2 and "table not found" in out.stderr and "Traceback" not in out.stderr
