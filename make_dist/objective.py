@@ -25,13 +25,15 @@ to the host: the whole objective is a handful of batched matmuls.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data.schema import DISEASE, FIRST_SUBTEXT, RAW
 
-BACKENDS = ("torch", "auto")
+BACKENDS = ("torch", "triton", "auto")
 
 
 def make_loss(
@@ -54,14 +56,12 @@ def make_loss(
     from L_mkcl (as positives and as negatives), ``slra`` off sets lambda to 0
     (and ``slra`` reports 0), ``dkw`` off gives every valid text weight 1.
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"make_loss: backend {backend!r} is not available; choose one of {BACKENDS}"
-        )
     _check_shapes(image, patches, texts, mask, scale)
-    dtype = torch.promote_types(image.dtype, torch.float32)  # accumulate in >= fp32
-    image, patches, texts = image.to(dtype), patches.to(dtype), texts.to(dtype)
-    s = scale.to(dtype).reshape(())
+    ops = _ops(backend, image)
+    acc = torch.promote_types(image.dtype, torch.float32)  # accumulate in >= fp32
+    if ops is _TorchOps:  # the dense path computes in that type; the kernels take bf16 as it is
+        image, patches, texts = image.to(acc), patches.to(acc), texts.to(acc)
+    s = scale.to(acc).reshape(())
     mask = mask.bool()
     # A missing slot holds no text: zero it so nothing it contains can leak in.
     texts = texts.masked_fill(~mask[..., None], 0.0)
@@ -72,35 +72,15 @@ def make_loss(
         in_mkcl[:, FIRST_SUBTEXT:] = False
     w_mkcl = weights * in_mkcl
     w_slra = weights[:, FIRST_SUBTEXT:]
-    knowledge = knowledge_embedding(patches, texts[:, RAW], sigma) if slra else None
+    knowledge = ops.knowledge_embedding(patches, texts[:, RAW], sigma).to(acc) if slra else None
 
     world = _world_size()
     cols = gather_columns(image, texts, in_mkcl, knowledge, world)
     den = _all_reduce(torch.stack([w_mkcl.sum(), w_slra.sum()]), world)
 
-    # s * v_b . t_bn: the positive logit of every (image, own text) pair.
-    positive = s * torch.einsum("bd,bnd->bn", image, texts)
+    numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
 
-    # L_i2t: every positive of image b shares its one row denominator LSE_b.
-    lse_image = column_logsumexp(image, cols.texts, cols.text_valid, s)  # (B,)
-    i2t = (w_mkcl.sum(1) * lse_image).sum() - (w_mkcl * positive).sum()
-
-    # L_t2i: each text against all global images.
-    lse_text = column_logsumexp(texts.flatten(0, 1), cols.images, None, s)  # (B*N,)
-    t2i = (w_mkcl.flatten() * lse_text).sum() - (w_mkcl * positive).sum()
-
-    # L_slra: each subtext against the knowledge-enhanced embedding of every image.
-    if knowledge is not None and texts.shape[1] > FIRST_SUBTEXT:
-        sub = texts[:, FIRST_SUBTEXT:]
-        lse_sub = column_logsumexp(sub.flatten(0, 1), cols.knowledge, None, s)
-        sub_positive = s * torch.einsum("bd,bnd->bn", knowledge, sub)
-        slra_num = (w_slra.flatten() * lse_sub).sum() - (w_slra * sub_positive).sum()
-    else:
-        slra_num = image.new_zeros(())
-
-    i2t, t2i, slra_term = _global_mean(
-        torch.stack([i2t, t2i, slra_num]), den[[0, 0, 1]], world
-    ).unbind()
+    i2t, t2i, slra_term = _global_mean(numerators, den[[0, 0, 1]], world).unbind()
     mkcl = (i2t + t2i) / 2
     total = mkcl + lam * slra_term if slra else mkcl
     return {"total": total, "mkcl": mkcl, "i2t": i2t, "t2i": t2i, "slra": slra_term}
@@ -110,6 +90,33 @@ def make_loss(
 # The pieces of the objective
 
 
+def contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s) -> torch.Tensor:
+    """The weighted sums of Eq. 3, 4 and 6 over this rank's rows, against the
+    global columns: (3,) numerators of L_i2t, L_t2i, L_slra. This is the part
+    whose cost grows with the number of ranks (bench/kernels.py times it)."""
+    acc = s.dtype
+    # s * v_b . t_bn: the positive logit of every (image, own text) pair.
+    positive = s * torch.einsum("bd,bnd->bn", image.to(acc), texts.to(acc))
+
+    # L_i2t: every positive of image b shares its one row denominator LSE_b.
+    lse_image = ops.column_logsumexp(image, cols.texts, cols.text_valid, s)  # (B,)
+    i2t = (w_mkcl.sum(1) * lse_image).sum() - (w_mkcl * positive).sum()
+
+    # L_t2i: each text against all global images.
+    lse_text = ops.column_logsumexp(texts.flatten(0, 1), cols.images, None, s)  # (B*N,)
+    t2i = (w_mkcl.flatten() * lse_text).sum() - (w_mkcl * positive).sum()
+
+    # L_slra: each subtext against the knowledge-enhanced embedding of every image.
+    if knowledge is not None and texts.shape[1] > FIRST_SUBTEXT:
+        sub = texts[:, FIRST_SUBTEXT:]
+        lse_sub = ops.column_logsumexp(sub.flatten(0, 1), cols.knowledge, None, s)
+        sub_positive = s * torch.einsum("bd,bnd->bn", knowledge, sub.to(acc))
+        slra = (w_slra.flatten() * lse_sub).sum() - (w_slra * sub_positive).sum()
+    else:
+        slra = positive.new_zeros(())
+    return torch.stack([i2t, t2i, slra])
+
+
 def aspect_weights(texts: torch.Tensor, mask: torch.Tensor, *, dkw: bool = True) -> torch.Tensor:
     """Diagnosis-guided weights w (B, N), Eq. 7, detached.
 
@@ -117,8 +124,8 @@ def aspect_weights(texts: torch.Tensor, mask: torch.Tensor, *, dkw: bool = True)
     c_bn = t_b1 . t_bn (the most relevant subtext gets 1). Without a disease
     text, or with dkw off, every subtext weighs 1. Missing slots weigh 0.
     """
-    texts = texts.detach()
-    valid = mask.float().to(texts.dtype)
+    texts = texts.detach().to(torch.promote_types(texts.dtype, torch.float32))
+    valid = mask.to(texts.dtype)
     if not dkw or texts.shape[1] <= FIRST_SUBTEXT:
         return valid
     sub_valid = mask[:, FIRST_SUBTEXT:]
@@ -160,11 +167,42 @@ def column_logsumexp(
     return torch.logsumexp(logits, dim=1)
 
 
+class _TorchOps:
+    """The dense path: the definition the kernels are checked against."""
+
+    column_logsumexp = staticmethod(column_logsumexp)
+    knowledge_embedding = staticmethod(knowledge_embedding)
+
+
+def _ops(backend: str, like: torch.Tensor):
+    """The implementation of the two hot operations: torch, or the Triton
+    kernels (on a CUDA device, or anywhere under TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"make_loss: backend {backend!r} is not available; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if like.is_cuda and _triton_ok() else "torch"
+    if backend == "torch":
+        return _TorchOps
+    if not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("make_loss: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    import kernels
+
+    return kernels
+
+
+def _triton_ok() -> bool:
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------
 # Data parallel plumbing
 
 
-class _Columns:
+class Columns:
     """The columns every rank scores its rows against, gathered from all ranks."""
 
     def __init__(self, images, texts, text_valid, knowledge):
@@ -174,17 +212,17 @@ class _Columns:
         self.knowledge = knowledge  # (G*B, D) or None
 
 
-def gather_columns(image, texts, text_valid, knowledge, world: int) -> _Columns:
+def gather_columns(image, texts, text_valid, knowledge, world: int) -> Columns:
     """One all-gather (with gradient) of images, texts, validity and knowledge."""
     B, N, D = texts.shape
     parts = [image, texts.flatten(1), text_valid.to(image.dtype)]
     if knowledge is not None:
-        parts.append(knowledge)
+        parts.append(knowledge.to(image.dtype))
     packed = torch.cat(parts, 1)
     if world > 1:
         packed = _GatherWithGrad.apply(packed)
     images, flat_texts, valid, rest = packed.split([D, N * D, N, packed.shape[1] - D - N * D - N], 1)
-    return _Columns(
+    return Columns(
         images=images,
         texts=flat_texts.reshape(-1, D),
         text_valid=valid.reshape(-1).detach() > 0.5,
