@@ -64,6 +64,17 @@ def cmd_shards(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Train with Ray Train + DeepSpeed, tracked in MLflow; resumes a run of the same name."""
+    from .train.launch import fit
+
+    config = load_config(args.config, args.overrides)
+    result = fit(config)
+    print(f"make-dist: trained {config.train.steps} steps; run folder {result.run_dir}, "
+          f"MLflow run {result.run_id} ({result.tracking_uri})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make-dist",
@@ -80,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--export", metavar="DIR", help="write an open_clip-loadable checkpoint folder")
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("train", help="train (Ray Train + DeepSpeed + MLflow)", description=cmd_train.__doc__)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="write the synthetic dermatology set", description=cmd_synth.__doc__)
     p.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")

@@ -46,9 +46,16 @@ class DataConfig:
     subtexts: int = 8  # K: at most K sentences per caption (N = K + 3 slots)
     context_length: int = 77
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
+    shuffle_buffer: int = 1000  # samples per loader worker; 0: keep the shards' order
+    augment: bool = True  # SPEC section 6 augmentation; off: resize + centre crop
+    # True: shards drawn at random by every rank, the same step count everywhere.
+    # False: each rank reads its share of the shards in order, epoch after epoch
+    # (reproducible; an epoch ends for all ranks when the first runs out).
+    resampled: bool = True
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
         _require(self.subtexts >= 1, "subtexts", "must be >= 1")
         _require(self.context_length >= 2, "context_length", "must be >= 2")
@@ -88,6 +95,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    name: str = "make"  # the run: rerunning the same name in the same storage resumes it
     steps: int = 1000  # optimizer steps in all
     workers: int = 1  # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
@@ -95,11 +103,16 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = 500
     storage: str = "runs"  # checkpoints and results: a folder or any fsspec URL
-    max_failures: int = 0
+    max_failures: int = 0  # workers lost and replaced before the run fails (-1: no limit)
+    max_nonfinite: int = 5  # consecutive non-finite losses (each step skipped) before the run stops
+    log_every: int = 1
     seed: int = 0
 
     def validate(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(self.steps > 0, "steps", "must be > 0")
+        _require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.workers >= 1, "workers", "must be >= 1")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")

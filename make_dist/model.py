@@ -187,7 +187,9 @@ def export_open_clip(model: MakeModel, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     arch = dict(model.arch, nonscalar_logit_scale=True)
     preprocess = dict(open_clip.get_model_preprocess_cfg(model.clip))
-    state = {k: v.detach().cpu().clone() for k, v in model.clip.state_dict().items()}
+    # float32 whatever the training precision: what open_clip's loaders expect
+    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.clip.state_dict().items()}
     tmp_weights, tmp_config = out / f".{EXPORT_WEIGHTS}.tmp", out / f".{EXPORT_CONFIG}.tmp"
     torch.save(state, tmp_weights)
     tmp_config.write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess}, indent=2))

@@ -15,6 +15,6 @@ if "TRITON_INTERPRET" not in os.environ:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

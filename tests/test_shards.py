@@ -92,7 +92,7 @@ def test_round_trip_exact_texts_and_masks(table, tmp_path, tok):
     assert Image.open(io.BytesIO(members["000000001.jpg"])).mode == "RGB"  # RGBA PNG re-encoded
 
     loader = make_loader(StreamConfig(urls=shard_urls(str(tmp_path / "out/manifest.json")), batch_size=8,
-                                      image_size=32, k=4, train=False, resampled=False, num_workers=0), tok)
+                                      image_size=32, k=4, train=False, resampled=False, shuffle_buffer=0, num_workers=0), tok)
     (batch,) = list(loader)
     assert batch["keys"] == [f"{r:09d}" for r in sorted(GOOD)]
     assert batch["image"].shape == (3, 3, 32, 32) and batch["tokens"].shape == (3, 7, 77)
@@ -167,7 +167,7 @@ def test_memory_fs_shards_and_stream(tmp_path, tok):
     assert manifest["samples"] == 5 and len(manifest["shards"]) == 3
     assert fs.exists("/shards/shard-000002.tar") and fs.exists("/shards/manifest.json")
     urls = shard_urls("memory://shards/manifest.json")
-    batches = list(make_loader(StreamConfig(urls=urls, batch_size=2, image_size=32, train=False, resampled=False,
+    batches = list(make_loader(StreamConfig(urls=urls, batch_size=2, image_size=32, train=False, resampled=False, shuffle_buffer=0,
                                             num_workers=0), tok))
     assert sum(len(b["keys"]) for b in batches) == 5
 

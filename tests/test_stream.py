@@ -64,7 +64,7 @@ def test_exact_mode_two_ranks_two_workers_see_each_sample_once(uneven_shards, to
     urls, keys = uneven_shards
     seen = []
     for rank in range(2):
-        cfg = StreamConfig(urls=urls, batch_size=4, image_size=32, train=False, resampled=False,
+        cfg = StreamConfig(urls=urls, batch_size=4, image_size=32, train=False, resampled=False, shuffle_buffer=0,
                            num_workers=2, rank=rank, world=2)
         seen += keys_of(make_loader(cfg, tok))
     assert sorted(seen) == sorted(keys)  # every sample, none twice
@@ -91,7 +91,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
         data = b"{broken json" if i == 2 else record(key)
         members += [(f"{key}.jpg", image), (f"{key}.json", data)]
     write_tar(tmp_path / "bad.tar", members)
-    cfg = StreamConfig(urls=[str(tmp_path / "bad.tar")], batch_size=2, image_size=32, train=False,
+    cfg = StreamConfig(urls=[str(tmp_path / "bad.tar")], batch_size=2, image_size=32, train=False, shuffle_buffer=0,
                        resampled=False, num_workers=0)
     batches = list(make_loader(cfg, tok))
     assert keys_of(batches) == [f"{i:09d}" for i in (0, 3, 5)]
@@ -107,7 +107,7 @@ def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
     write_tar(tmp_path / "whole.tar", members)
     data = (tmp_path / "whole.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.6)])
-    cfg = StreamConfig(urls=[str(tmp_path / "cut.tar")], batch_size=8, image_size=32, train=False,
+    cfg = StreamConfig(urls=[str(tmp_path / "cut.tar")], batch_size=8, image_size=32, train=False, shuffle_buffer=0,
                        resampled=False, num_workers=0)
     batches = list(make_loader(cfg, tok))
     assert 1 <= len(keys_of(batches)) < 4 and sum(int(b["skipped"]) for b in batches) >= 1
@@ -118,7 +118,7 @@ def test_pipe_urls_need_explicit_permission(uneven_shards, tok):
     piped = f"pipe:cat {urls[1]}"
     with pytest.raises(UserError, match="allow_pipe"):
         shard_urls(piped)
-    cfg = StreamConfig(urls=shard_urls(piped, allow_pipe=True), batch_size=4, image_size=32, train=False,
+    cfg = StreamConfig(urls=shard_urls(piped, allow_pipe=True), batch_size=4, image_size=32, train=False, shuffle_buffer=0,
                        resampled=False, num_workers=0)
     assert keys_of(make_loader(cfg, tok)) == [keys[25]]
 

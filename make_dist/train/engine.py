@@ -1,0 +1,88 @@
+"""DeepSpeed: the process group, the engine of one worker, its checkpoints.
+
+Traps this module steps around (../shared/NOTES.md): the shared-memory comm
+extension DeepSpeed would JIT-compile for 2+ minutes on a CPU machine; its own
+fused Adam (another JIT compile), replaced by a torch AdamW; parameters used
+outside their module's forward under ZeRO-3 (registered as external).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ..config import Config
+from ..model import MakeModel
+from .optim import build_optimizer
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """Join the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module, to patch below)
+
+    # `import deepspeed.comm.torch as m` would bind the torch module: patch via sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if cfg.train.use_gpu else "fp32"
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    prec = precision(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_batch_size": cfg.data.batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,  # make-dist prints its own progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def register_zero3_externals(model: MakeModel) -> None:
+    """ZeRO-3 gathers a parameter only inside its owner's forward. These are
+    read outside it (the fast text path, the patch projection, the scale), so
+    the top-level forward gathers them."""
+    import deepspeed
+
+    clip = model.clip
+    for param in (clip.positional_embedding, clip.text_projection, clip.logit_scale, clip.visual.proj):
+        if isinstance(param, torch.nn.Parameter):
+            deepspeed.zero.register_external_parameter(model, param)
+
+
+def build_engine(model: MakeModel, cfg: Config, world: int):
+    """The DeepSpeed engine around the model, optimiser and schedule."""
+    import deepspeed
+
+    if cfg.train.zero_stage == 3:
+        register_zero3_externals(model)
+    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.train.steps, fused=cfg.train.use_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                      config=deepspeed_config(cfg, world))
+    return engine
+
+
+def save_checkpoint(engine, directory: str, step: int, state: dict) -> None:
+    """Every rank writes its shard of the model and optimiser state."""
+    engine.save_checkpoint(directory, tag="state", client_state={"step": step, **state})
+
+
+def load_checkpoint(engine, directory: str) -> dict:
+    """Model, optimiser and schedule restored; returns the client state (step, ...)."""
+    path, client_state = engine.load_checkpoint(directory, tag="state")
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+    return client_state

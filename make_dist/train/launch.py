@@ -1,0 +1,98 @@
+"""The driver: check the config, open the MLflow run, start (or join) Ray, fit.
+
+Under `ray job submit --address ...` RAY_ADDRESS is set and the job joins
+that cluster; run directly, it starts an embedded local Ray bound to
+127.0.0.1, its dashboard too (a dashboard runs whatever is submitted to it).
+Rerunning the same `train.name` in the same `train.storage` resumes the run
+from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import fsspec
+
+from ..config import Config
+from ..data.stream import shard_urls
+from ..errors import UserError
+from .tracking import RunTracker
+
+
+@dataclass
+class FitResult:
+    run_dir: str
+    run_id: str
+    tracking_uri: str
+    metrics: dict
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's cwd)."""
+    return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
+
+
+def check(cfg: Config) -> Config:
+    """Everything that can be checked before Ray starts; paths made absolute."""
+    if not cfg.data.train_shards:
+        raise UserError("data.train_shards is not set: point it at shards (a manifest.json, a brace "
+                        "pattern or a URL), e.g. written by `make-dist shards`")
+    cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute(cfg.data.train_shards)),
+                  train=replace(cfg.train, storage=absolute(cfg.train.storage)))
+    urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
+    if not urls[0].startswith("pipe:"):
+        fs, path = fsspec.core.url_to_fs(urls[0])
+        if not fs.exists(path):
+            raise UserError(f"data.train_shards: {urls[0]} does not exist")
+    if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
+        raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
+    return cfg
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a cluster (ray job submit or an exported address)
+    else:
+        # The dashboard serves Ray's state API, which Ray Train polls; it listens on 127.0.0.1 only.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+
+
+def fit(cfg: Config) -> FitResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_worker
+
+    cfg = check(cfg)
+    run_dir = f"{cfg.train.storage}/{cfg.train.name}"
+    tracker = RunTracker(cfg, run_dir)
+    print(f"make-dist: MLflow run {tracker.run_id} at {tracker.uri}")
+    if not cfg.tracking.uri:
+        print(f"make-dist: see it with  mlflow ui --backend-store-uri {tracker.uri}")
+    init_ray()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
+                           "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.name,
+            storage_path=cfg.train.storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
+    tracker.finish(ok=True)
+    metrics = dict(result.metrics or {})
+    return FitResult(run_dir, tracker.run_id, tracker.uri, metrics)

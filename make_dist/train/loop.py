@@ -1,0 +1,236 @@
+"""The training loop of one Ray Train worker: setup -> steps -> export.
+
+Everything a step needs is built once in `setup`; `train_worker` composes the
+pieces. Ray Train calls `train_worker` on every worker; after a worker is lost
+it calls it again on a new group, and `ray.train.get_checkpoint()` hands back
+the latest checkpoint every rank finished writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config, from_dict
+from ..data.stream import StreamConfig, make_loader, shard_urls
+from ..model import MakeModel, build_model, export_open_clip, tokenizer
+from ..objective import make_loss
+from . import engine as ds
+from .tracking import StepLogger
+
+LOSS_KEYS = ("total", "mkcl", "i2t", "t2i", "slra")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def say(message: str) -> None:
+    """A progress line (sys.stdout: Ray Train's patched print would log it twice)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Worker:
+    """What one worker holds for the whole run."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    engine: object
+    model: MakeModel
+    start_step: int
+    nonfinite_total: int
+
+
+def setup(cfg: Config) -> Worker:
+    import ray.train
+
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip narrates model building at INFO
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ds.init_distributed(cfg.train.use_gpu)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    engine = ds.build_engine(model, cfg, world)
+    start, nonfinite = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = ds.load_checkpoint(engine, directory)
+        start, nonfinite = state["step"], state.get("nonfinite", 0)
+        if rank == 0:
+            say(f"make-dist: resumed from the checkpoint of step {start}")
+    return Worker(cfg, rank, world, device, engine, model, start, nonfinite)
+
+
+def batches(w: Worker):
+    """The rank's batches until the run's last step.
+
+    Resampled (the default): shards drawn at random, with a seed from the step
+    the run (re)starts at, so a resumed run continues with fresh draws; every
+    rank gets the same number of batches. In order (data.resampled = false):
+    each rank reads its share of the shards epoch after epoch, and an epoch
+    ends for every rank as soon as one rank runs out.
+    """
+    cfg = w.cfg
+    loader_workers = max(1, cfg.data.num_workers)
+    remaining = cfg.train.steps - w.start_step
+    stream = StreamConfig(
+        urls=shard_urls(cfg.data.train_shards, cfg.data.allow_pipe),
+        batch_size=cfg.data.batch_size,
+        image_size=w.model.image_size,
+        k=cfg.data.subtexts,
+        train=cfg.data.augment,
+        resampled=cfg.data.resampled,
+        batches_per_worker=math.ceil(remaining / loader_workers),
+        num_workers=cfg.data.num_workers,
+        rank=w.rank,
+        world=w.world,
+        seed=cfg.train.seed * 100_003 + w.start_step,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    visual = w.model.clip.visual
+    tok, mean, std = tokenizer(cfg.model), getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+    if cfg.data.resampled:
+        yield from make_loader(stream, tok, mean, std)
+        return
+    while True:
+        produced = 0
+        epoch = iter(make_loader(stream, tok, mean, std))
+        while True:
+            batch = next(epoch, None)
+            if not _all_ranks(batch is not None, w):
+                break
+            produced += 1
+            yield batch
+        if produced == 0:
+            raise RuntimeError("an epoch of data.train_shards gave no batch on some rank: too few shards "
+                               "or samples for data.batch_size on every rank")
+
+
+def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:
+    """One optimiser step; None when the loss was not finite (step skipped).
+
+    The loss is the global batch's on every rank (make_loss all-reduces it),
+    so every rank takes the same decision and the collectives stay in step.
+    """
+    cfg, engine = w.cfg, w.engine
+    dtype = next(engine.module.parameters()).dtype
+    out = engine(batch["image"].to(w.device, dtype, non_blocking=True),
+                 batch["tokens"].to(w.device, non_blocking=True),
+                 batch["mask"].to(w.device, non_blocking=True))
+    mask = batch["mask"].to(w.device)
+    terms = make_loss(out["image"], out["patches"], out["texts"], mask, out["scale"], lam=cfg.loss.lam,
+                      sigma=cfg.loss.sigma, dkw=cfg.loss.dkw, slra=cfg.loss.slra, subtexts=cfg.loss.subtexts,
+                      backend=cfg.loss.backend)
+    if not torch.isfinite(terms["total"]).item():
+        return None
+    engine.backward(terms["total"])
+    engine.step()
+    return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "logit_scale": out["scale"].detach()}
+
+
+def checkpoint(w: Worker, step: int, metrics: dict) -> None:
+    """Write this rank's part of the state and report it; Ray Train keeps a
+    checkpoint only once every rank's part is in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="make-dist-ckpt-") as directory:
+        ds.save_checkpoint(w.engine, directory, step, {"nonfinite": w.nonfinite_total})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def export_final(w: Worker, run_dir: str) -> None:
+    """The trained model, open_clip-loadable, at RUN_DIR/model (rank 0 writes)."""
+    import deepspeed
+    import fsspec
+
+    zero3 = w.cfg.train.zero_stage == 3  # parameters are sharded: gather them first
+    gather = deepspeed.zero.GatheredParameters(list(w.model.parameters())) if zero3 else contextlib.nullcontext()
+    with gather:
+        if w.rank == 0:
+            with tempfile.TemporaryDirectory() as local:
+                export_open_clip(w.model, local)
+                fs, root = fsspec.core.url_to_fs(f"{run_dir}/model")
+                fs.makedirs(root, exist_ok=True)
+                for name in os.listdir(local):
+                    fs.put_file(os.path.join(local, name), f"{root}/{name}")
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's entry point on every worker."""
+    cfg = from_dict(loop_config["config"], source="<driver>")
+    w = setup(cfg)
+    log = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if w.rank == 0 else None
+    step, nonfinite_run = w.start_step, 0
+    skipped = torch.zeros((), dtype=torch.long)
+    wait_start = time.perf_counter()
+    for batch in batches(w):
+        if step >= cfg.train.steps:
+            break
+        data_wait = time.perf_counter() - wait_start
+        skipped += batch["skipped"]
+        step_start = time.perf_counter()
+        result = train_step(w, batch)
+        if result is None:
+            nonfinite_run += 1
+            w.nonfinite_total += 1
+            if w.rank == 0:
+                say(f"make-dist: step {step + 1}: non-finite loss, step skipped "
+                    f"({nonfinite_run} in a row, {w.nonfinite_total} in all)")
+            if nonfinite_run >= cfg.train.max_nonfinite:
+                raise NonFiniteLoss(f"{nonfinite_run} non-finite losses in a row (train.max_nonfinite = "
+                                    f"{cfg.train.max_nonfinite}): lower optim.lr or check the data")
+            wait_start = time.perf_counter()
+            continue
+        nonfinite_run = 0
+        step += 1
+        step_time = time.perf_counter() - step_start
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics = {k: float(v) for k, v in result.items()}
+            metrics.update({
+                "lr": w.engine.get_lr()[0],
+                "samples_per_s": cfg.data.batch_size * w.world / max(step_time + data_wait, 1e-9),
+                "data_wait_s": data_wait,
+                "skipped_samples": _sum_over_ranks(skipped, w),
+                "nonfinite_steps": float(w.nonfinite_total),
+            })
+            if log is not None:
+                log.log(step, metrics)
+                say(f"step {step}/{cfg.train.steps}  loss {metrics['loss/total']:.4f}  "
+                    f"mkcl {metrics['loss/mkcl']:.4f}  slra {metrics['loss/slra']:.4f}  "
+                    f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            checkpoint(w, step, {"step": step, "loss": float(result["loss/total"])})
+        wait_start = time.perf_counter()
+    if step < cfg.train.steps:
+        raise RuntimeError(f"the data stream ended at step {step} of {cfg.train.steps}")
+    export_final(w, loop_config["run_dir"])
+
+
+def _sum_over_ranks(count: torch.Tensor, w: Worker) -> float:
+    if w.world > 1:
+        count = count.to(w.device)
+        torch.distributed.all_reduce(count)
+    return float(count)
+
+
+def _all_ranks(flag: bool, w: Worker) -> bool:
+    """True when the flag holds on every rank (one tiny all-reduce)."""
+    if w.world == 1:
+        return flag
+    value = torch.tensor(int(flag), device=w.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value)

@@ -1,0 +1,203 @@
+"""Training: real Ray Train workers, real DeepSpeed on gloo, real MLflow (sqlite).
+
+A tiny model and a few steps each; one embedded Ray serves the in-process
+runs, and the stop/restart and fault runs are real `make-dist train`
+processes, stopped or shot for real.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from make_dist.config import load_config
+from make_dist.data.schema import load_columns
+from make_dist.data.shards import write_shards
+from make_dist.data.synth import synthesize
+from make_dist.model import build_model
+
+pytestmark = pytest.mark.slow
+EXE = Path(sys.executable).parent / "make-dist"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, repo_root):
+    root = tmp_path_factory.mktemp("data")
+    synthesize(root / "synth", n=96, n_eval=1, size=64, seed=0, workers=2, progress=False)
+    write_shards(str(root / "synth/train.csv"), str(root / "shards"), load_columns(repo_root / "configs/columns/synthetic.yaml"),
+                 images_root=str(root / "synth"), shard_size=8, workers=2, progress=False)
+    return str(root / "shards/manifest.json")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from make_dist.train.launch import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def overrides(tmp_path, shards, **extra):
+    values = {"data.train_shards": shards, "train.storage": str(tmp_path / "runs"),
+              "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.steps": 2, "train.checkpoint_every": 2,
+              "data.num_workers": 0, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny(tmp_path, shards, repo_root, **extra):
+    return load_config(repo_root / "configs/tiny.yaml", overrides(tmp_path, shards, **extra))
+
+
+def run_history(tmp_path, key="loss/total"):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "make-dist-tiny"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    return client, run, sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+
+
+def exported_weights(run_dir):
+    return torch.load(Path(run_dir) / "model/open_clip_pytorch_model.bin")
+
+
+def test_two_workers_make_the_same_first_update_as_one_with_double_batch(tmp_path, shards, repo_root, ray_local):
+    """ZeRO-2, fixed data order, no augmentation: rank r of 2 reads shard r
+    (batch 8); the single worker reads shards 0 and 1 (batch 16)."""
+    from make_dist.train.launch import fit
+
+    same = {"data.resampled": "false", "data.augment": "false", "data.shuffle_buffer": 0, "train.steps": 1,
+            "train.checkpoint_every": 1, "train.zero_stage": 2, "optim.warmup_steps": 1}
+    cfg_two = tiny(tmp_path / "two", shards, repo_root, **same, **{"train.workers": 2, "data.batch_size": 8})
+    two = fit(cfg_two)
+    one = fit(tiny(tmp_path / "one", shards, repo_root, **same, **{"train.workers": 1, "data.batch_size": 16}))
+    a, b = exported_weights(two.run_dir), exported_weights(one.run_dir)
+    torch.manual_seed(cfg_two.train.seed)
+    init = build_model(cfg_two.model).clip.state_dict()
+    assert a.keys() == b.keys() == init.keys()
+    lr = cfg_two.optim.lr
+    for key in a:  # Adam's first step moves each weight by about lr
+        assert torch.allclose(a[key], b[key], atol=lr * 1e-2), key
+    moved = [k for k in a if (a[k] - init[k]).abs().max() > lr / 2]
+    assert len(moved) > len(a) // 2  # the step really moved the weights
+    # and the losses both runs report are the one loss of the same 16 samples
+    _, _, h_two = run_history(tmp_path / "two")
+    _, _, h_one = run_history(tmp_path / "one")
+    assert h_two[0].value == pytest.approx(h_one[0].value, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stages_train(tmp_path, shards, repo_root, ray_local, stage):
+    from make_dist.train.launch import fit
+
+    result = fit(tiny(tmp_path, shards, repo_root, **{"train.zero_stage": stage, "train.steps": 3,
+                                                      "train.checkpoint_every": 2}))
+    client, run, history = run_history(tmp_path)
+    assert [m.step for m in history] == [1, 2, 3] and all(torch.isfinite(torch.tensor(m.value)) for m in history)
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/open_clip_config.json", "model/open_clip_pytorch_model.bin"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "plots", "model"}
+    assert run.data.params["train.zero_stage"] == str(stage)
+    weights = exported_weights(result.run_dir)
+    assert all(v.numel() > 0 for v in weights.values())  # ZeRO-3 shards were gathered for the export
+
+
+def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_root, ray_local, capfd):
+    """A learning rate of 1e8 blows the weights up after the first step."""
+    from make_dist.train.launch import fit
+
+    cfg = tiny(tmp_path, shards, repo_root, **{"optim.lr": 1e8, "optim.warmup_steps": 1, "train.steps": 10,
+                                              "train.max_nonfinite": 2, "train.workers": 1})
+    with pytest.raises(Exception, match="2 non-finite losses in a row"):
+        fit(cfg)
+    out = capfd.readouterr().out
+    assert "non-finite loss, step skipped (1 in a row, 1 in all)" in out
+    _, run, history = run_history(tmp_path)
+    assert run.info.status == "FAILED" and [m.step for m in history] == [1]
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    start = time.time()
+    out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={tmp_path}/none/manifest.json",
+                          "--set", f"train.storage={tmp_path}/runs"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "manifest.json" in out.stderr and "Traceback" not in out.stderr
+    assert "Ray" not in out.stdout + out.stderr and time.time() - start < 60
+
+
+# ---------------------------------------------------------------------------
+# Real processes: stopped, and shot
+
+
+def start_training(tmp_path, shards, repo_root, **extra):
+    args = [str(EXE), "train", "--config", str(repo_root / "configs/tiny.yaml")]
+    for item in overrides(tmp_path, shards, **extra):
+        args += ["--set", item]
+    log = open(tmp_path / "train.log", "ab")
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env), args
+
+
+def wait_for_checkpoint(run_dir: Path, proc, timeout=240) -> int:
+    """The step of the first checkpoint Ray Train committed (every rank's part
+    written); a checkpoint folder alone may still be half uploaded."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):
+            latest = None
+        if latest:
+            return latest["metrics"]["step"]
+        time.sleep(0.2)
+    raise AssertionError(f"no committed checkpoint in {run_dir} (exit code {proc.poll()})")
+
+
+def test_stopped_run_resumes_when_restarted(tmp_path, shards, repo_root):
+    steps = {"train.steps": 40, "train.checkpoint_every": 2, "train.name": "resumable"}
+    proc, args = start_training(tmp_path, shards, repo_root, **steps)
+    wait_for_checkpoint(tmp_path / "runs/resumable", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode != 0
+    _, first_run, before = run_history(tmp_path)
+    assert 2 <= before[-1].step < 40, "the stop should land mid-run"
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from the checkpoint of step" in again.stdout + again.stderr
+    client, run, history = run_history(tmp_path)
+    assert run.info.run_id == first_run.info.run_id  # the same MLflow run continues
+    assert history[-1].step == 40 and run.info.status == "FINISHED"
+
+
+def test_killed_worker_is_replaced_and_the_run_resumes(tmp_path, shards, repo_root):
+    steps = {"train.steps": 30, "train.checkpoint_every": 2, "train.max_failures": 1, "train.name": "faulty"}
+    proc, _ = start_training(tmp_path, shards, repo_root, **steps)
+    committed = wait_for_checkpoint(tmp_path / "runs/faulty", proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    workers[1].kill()
+    assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-5000:]
+    log = (tmp_path / "train.log").read_text()
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in log.splitlines() if "resumed from the checkpoint of step" in line]
+    assert resumed and resumed[0] >= committed
+    _, run, history = run_history(tmp_path)
+    assert history[-1].step == 30 and run.info.status == "FINISHED"
+    assert (tmp_path / "runs/faulty/model/open_clip_pytorch_model.bin").is_file()
