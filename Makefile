@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test clean
+.PHONY: setup demo test clean
 
 # requirements.lock pins every package of a venv seen working (NOTES.md).
 $(BIN)/make-dist: pyproject.toml requirements.lock
@@ -15,6 +15,9 @@ $(BIN)/make-dist: pyproject.toml requirements.lock
 	touch $@
 
 setup: $(BIN)/make-dist
+
+demo: setup
+	$(BIN)/make-dist demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -75,6 +75,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """Synthesise a dermatology set, shard it, train the tiny model with 2 Ray workers (ZeRO-2, CPU)."""
+    from .demo import run_demo
+
+    run_demo(args.out, n=args.n, steps=args.steps, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make-dist",
@@ -95,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (Ray Train + DeepSpeed + MLflow)", description=cmd_train.__doc__)
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole path on this machine: data, shards, training",
+                       description=cmd_demo.__doc__)
+    p.add_argument("--out", default="demo", help="folder for data, shards and runs (default: demo)")
+    p.add_argument("--n", type=int, default=2000, help="training images (default: 2000)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write the synthetic dermatology set", description=cmd_synth.__doc__)
     p.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")

@@ -16,7 +16,7 @@ def run(*args, cwd=None):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("config", "model", "synth", "shards"):
+    for command in ("config", "model", "synth", "shards", "train", "demo"):
         assert command in out.stdout
 
 
@@ -58,3 +58,15 @@ def test_shards_with_missing_table_fails_clearly(repo_root, tmp_path):
     out = run("shards", "--table", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"),
               "--columns", str(repo_root / "configs/columns/synthetic.yaml"))
     assert out.returncode == 2 and "table not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_end_to_end_small(tmp_path):
+    """The README's first command, at a small size (the default run is timed in docs/BENCHMARKS.md)."""
+    out = subprocess.run([str(EXE), "demo", "--out", str(tmp_path / "demo"), "--n", "120", "--steps", "4"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for line in ("[1/3] synthesising 120", "[2/3] writing shards", "[3/3] training the tiny model",
+                 "make-dist demo: done", "120 samples in", "4 steps x 2 workers"):
+        assert line in out.stdout, line
+    (model,) = (tmp_path / "demo/runs").glob("demo-*/model/open_clip_pytorch_model.bin")
+    assert (tmp_path / "mlflow.db").is_file()  # the default store, in the working directory

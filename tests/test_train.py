@@ -19,9 +19,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from make_dist.config import load_config
-from make_dist.data.schema import load_columns
-from make_dist.data.shards import write_shards
-from make_dist.data.synth import synthesize
 from make_dist.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -29,12 +26,8 @@ EXE = Path(sys.executable).parent / "make-dist"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, repo_root):
-    root = tmp_path_factory.mktemp("data")
-    synthesize(root / "synth", n=96, n_eval=1, size=64, seed=0, workers=2, progress=False)
-    write_shards(str(root / "synth/train.csv"), str(root / "shards"), load_columns(repo_root / "configs/columns/synthetic.yaml"),
-                 images_root=str(root / "synth"), shard_size=8, workers=2, progress=False)
-    return str(root / "shards/manifest.json")
+def shards(tiny_shards):
+    return tiny_shards
 
 
 @pytest.fixture(scope="module")
