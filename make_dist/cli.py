@@ -76,10 +76,35 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Synthesise a dermatology set, shard it, train the tiny model with 2 Ray workers (ZeRO-2, CPU)."""
+    """Synthesise a dermatology set, shard it, train the tiny model with MAKE and with the CLIP objective
+    (2 Ray workers, ZeRO-2, CPU), evaluate both zero-shot, side by side."""
     from .demo import run_demo
 
     run_demo(args.out, n=args.n, steps=args.steps, workers=args.workers)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Zero-shot classification, concept annotation or retrieval of a model on a table."""
+    from .config import ModelConfig
+    from .evaluate.report import log_mlflow, table, write_json
+    from .evaluate.tasks import run_task
+    from .model import build_model, tokenizer
+
+    model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
+    model = build_model(model_cfg)
+    results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes)]
+    print(table({args.model: results}))
+    for r in results:
+        if r.skipped:
+            print(f"{r.task}: skipped {len(r.skipped)} rows, first: row {r.skipped[0]['row']} "
+                  f"{r.skipped[0]['image']}: {r.skipped[0]['reason']}")
+    if args.out:
+        write_json(args.out, {args.model: results})
+        print(f"results written to {args.out}")
+    if not args.no_mlflow:
+        run_id = log_mlflow(results, args.tracking_uri, args.run_id, run_name=f"eval {args.model}")
+        print(f"MLflow run {run_id}")
     return 0
 
 
@@ -104,13 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the whole path on this machine: data, shards, training",
+    p = sub.add_parser("demo", help="the whole path on this machine: data, shards, training, evaluation",
                        description=cmd_demo.__doc__)
     p.add_argument("--out", default="demo", help="folder for data, shards and runs (default: demo)")
     p.add_argument("--n", type=int, default=2000, help="training images (default: 2000)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    p.add_argument("--steps", type=int, default=200, help="training steps of each run (default: 200)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="zero-shot classification, concept annotation, retrieval",
+                       description=cmd_eval.__doc__)
+    p.add_argument("--model", required=True,
+                   help="an exported model folder, an open_clip name (ViT-B-16) or a config .json")
+    p.add_argument("--weights", help="a checkpoint file or an open_clip pretrained tag for --model")
+    p.add_argument("--task", required=True, choices=("classify", "concepts", "retrieval"))
+    p.add_argument("--table", required=True, help="CSV or Parquet: image + label | concept 0/1 columns | caption")
+    p.add_argument("--images-root", help="folder or URL that relative image paths are under")
+    p.add_argument("--classes", help="classify: YAML of class names (and synonyms) the labels use")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///mlflow.db here)")
+    p.add_argument("--run-id", help="log onto this MLflow run (default: a new run in make-dist-eval)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("synth", help="write the synthetic dermatology set", description=cmd_synth.__doc__)
     p.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")

@@ -67,8 +67,12 @@ class LossConfig:
     sigma: float = 0.0  # patch-relevance threshold of the knowledge pooling
     dkw: bool = True  # diagnosis-guided weights
     slra: bool = True  # fine-grained subtext-to-region loss
-    subtexts: bool = True  # subtexts as positives of L_mkcl
+    subtexts: bool = True  # subtexts (slots 3..) in L_mkcl
+    aspects: bool = True  # disease and concept texts (slots 1, 2) in L_mkcl; all four off: CLIP
     backend: str = "auto"
+
+    def switches(self) -> dict[str, bool]:
+        return {"dkw": self.dkw, "slra": self.slra, "subtexts": self.subtexts, "aspects": self.aspects}
 
     def validate(self) -> None:
         from .objective import BACKENDS
@@ -99,6 +103,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in all
     workers: int = 1  # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu
+    cpus_per_worker: float = 1.0  # reserved per worker (its loader processes share them)
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = 500
@@ -114,6 +120,8 @@ class TrainConfig:
         _require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.workers >= 1, "workers", "must be >= 1")
+        _require(self.gpus_per_worker > 0, "gpus_per_worker", "must be > 0")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")
         _require(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
@@ -131,6 +139,29 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training, on held-out tables (any may be unset)."""
+
+    every_steps: int = 0  # 0: only after the last step
+    classify_table: str | None = None  # image, label
+    classes: str | None = None  # YAML: class name -> synonyms
+    concepts_table: str | None = None  # image, one 0/1 column per concept
+    retrieval_table: str | None = None  # image, caption
+    images_root: str | None = None
+
+    def tables(self) -> dict[str, str]:
+        """{task: table} of the tasks configured."""
+        tables = {"classify": self.classify_table, "concepts": self.concepts_table,
+                  "retrieval": self.retrieval_table}
+        return {task: table for task, table in tables.items() if table}
+
+    def validate(self) -> None:
+        _require(self.every_steps >= 0, "every_steps", "must be >= 0")
+        _require(not self.classify_table or bool(self.classes), "classes",
+                 "must name the class list when classify_table is set")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -138,6 +169,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,13 +48,16 @@ def make_loss(
     dkw: bool = True,
     slra: bool = True,
     subtexts: bool = True,
+    aspects: bool = True,
     backend: str = "torch",
 ) -> dict[str, torch.Tensor]:
     """The MAKE loss terms: ``total``, ``mkcl``, ``i2t``, ``t2i``, ``slra``.
 
     Switches (ablations, Table 3 of the paper): ``subtexts`` off drops slots 3..
-    from L_mkcl (as positives and as negatives), ``slra`` off sets lambda to 0
-    (and ``slra`` reports 0), ``dkw`` off gives every valid text weight 1.
+    from L_mkcl (as positives and as negatives), ``aspects`` off drops slots 1
+    and 2 from it likewise, ``slra`` off sets lambda to 0 (and ``slra``
+    reports 0), ``dkw`` off gives every valid text weight 1. Everything off is
+    CLIP's loss on the raw captions.
     """
     _check_shapes(image, patches, texts, mask, scale)
     ops = _ops(backend, image)
@@ -67,9 +70,7 @@ def make_loss(
     texts = texts.masked_fill(~mask[..., None], 0.0)
 
     weights = aspect_weights(texts, mask, dkw=dkw)  # (B, N), detached, 0 where missing
-    in_mkcl = mask.clone()
-    if not subtexts:
-        in_mkcl[:, FIRST_SUBTEXT:] = False
+    in_mkcl = mask & slots_in_mkcl(mask.shape[1], subtexts, aspects).to(mask.device)
     w_mkcl = weights * in_mkcl
     w_slra = weights[:, FIRST_SUBTEXT:]
     knowledge = ops.knowledge_embedding(patches, texts[:, RAW], sigma).to(acc) if slra else None
@@ -88,6 +89,28 @@ def make_loss(
 
 # ---------------------------------------------------------------------------
 # The pieces of the objective
+
+
+def slots_in_mkcl(n: int, subtexts: bool = True, aspects: bool = True) -> torch.Tensor:
+    """(n,) bool: the slots L_mkcl uses under the switches."""
+    keep = torch.ones(n, dtype=torch.bool)
+    if not aspects:
+        keep[DISEASE:FIRST_SUBTEXT] = False
+    if not subtexts:
+        keep[FIRST_SUBTEXT:] = False
+    return keep
+
+
+def slots_read(n: int, *, dkw: bool = True, slra: bool = True, subtexts: bool = True,
+               aspects: bool = True) -> torch.Tensor:
+    """(n,) bool: every slot the loss reads under the switches, so a trainer can
+    leave the others unencoded (the CLIP baseline encodes one text a sample)."""
+    keep = slots_in_mkcl(n, subtexts, aspects)
+    if slra:
+        keep[FIRST_SUBTEXT:] = True  # subtexts against knowledge embeddings (slot 0 is always read)
+    if dkw and (subtexts or slra) and n > DISEASE:
+        keep[DISEASE] = True  # the disease text weighs the subtexts
+    return keep
 
 
 def contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s) -> torch.Tensor:

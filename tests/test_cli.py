@@ -65,8 +65,11 @@ def test_demo_end_to_end_small(tmp_path):
     out = subprocess.run([str(EXE), "demo", "--out", str(tmp_path / "demo"), "--n", "120", "--steps", "4"],
                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for line in ("[1/3] synthesising 120", "[2/3] writing shards", "[3/3] training the tiny model",
-                 "make-dist demo: done", "120 samples in", "4 steps x 2 workers"):
+    for line in ("[1/4] synthesising 120", "[2/4] writing shards", "[3/4] training the tiny model with the MAKE",
+                 "[4/4] training the tiny model with the CLIP objective", "make-dist demo: done",
+                 "120 training samples in", "4 steps x 2 workers", "zero-shot on", "classify/top1",
+                 "retrieval/mean_recall", "x chance"):
         assert line in out.stdout, line
-    (model,) = (tmp_path / "demo/runs").glob("demo-*/model/open_clip_pytorch_model.bin")
+    models = list((tmp_path / "demo/runs").glob("demo-*/model/open_clip_pytorch_model.bin"))
+    assert len(models) == 2  # MAKE and the CLIP objective
     assert (tmp_path / "mlflow.db").is_file()  # the default store, in the working directory

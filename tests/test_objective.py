@@ -16,16 +16,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from make_dist.objective import aspect_weights, knowledge_embedding, make_loss
+from make_dist.objective import aspect_weights, knowledge_embedding, make_loss, slots_read
 
 # ---------------------------------------------------------------------------
 # The reference: loops over the equations, float64
 
 
-def reference_loss(image, patches, texts, mask, s, *, lam=0.7, sigma=0.0, dkw=True, slra=True, subtexts=True):
+def reference_loss(image, patches, texts, mask, s, *, lam=0.7, sigma=0.0, dkw=True, slra=True, subtexts=True,
+                   aspects=True):
     B, N, _ = texts.shape
     valid = lambda b, n: bool(mask[b, n])  # noqa: E731
-    in_mkcl = lambda b, n: valid(b, n) and (subtexts or n < 3)  # noqa: E731
+    in_mkcl = lambda b, n: valid(b, n) and (subtexts or n < 3) and (aspects or n not in (1, 2))  # noqa: E731
 
     def weight(b, n):
         if not valid(b, n):
@@ -117,14 +118,14 @@ def assert_terms_close(got, want, atol=1e-9):
 # ---------------------------------------------------------------------------
 # Values and gradients against the reference
 
-SWITCHES = list(itertools.product([True, False], repeat=3))  # dkw, slra, subtexts
+SWITCHES = list(itertools.product([True, False], repeat=4))  # dkw, slra, subtexts, aspects
 
 
-@pytest.mark.parametrize("dkw,slra,subtexts", SWITCHES)
-def test_terms_and_gradients_match_reference(dkw, slra, subtexts):
-    image, patches, texts, mask, scale = random_inputs(seed=int(dkw) * 4 + int(slra) * 2 + int(subtexts))
+@pytest.mark.parametrize("dkw,slra,subtexts,aspects", SWITCHES)
+def test_terms_and_gradients_match_reference(dkw, slra, subtexts, aspects):
+    image, patches, texts, mask, scale = random_inputs(seed=int(dkw) * 8 + int(slra) * 4 + int(subtexts) * 2 + aspects)
     mask = with_missing(mask)
-    kw = dict(lam=0.7, sigma=0.0, dkw=dkw, slra=slra, subtexts=subtexts)
+    kw = dict(lam=0.7, sigma=0.0, dkw=dkw, slra=slra, subtexts=subtexts, aspects=aspects)
 
     leaves = [x.clone().requires_grad_() for x in (image, patches, texts, scale)]
     got = make_loss(*leaves[:3], mask, leaves[3], **kw)
@@ -140,6 +141,17 @@ def test_terms_and_gradients_match_reference(dkw, slra, subtexts):
         ga = a.grad if a.grad is not None else torch.zeros_like(a)
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         assert torch.allclose(ga, gb, atol=1e-9, rtol=1e-7), name
+
+
+@pytest.mark.parametrize("dkw,slra,subtexts,aspects", SWITCHES)
+def test_unread_slots_can_be_left_unencoded(dkw, slra, subtexts, aspects):
+    """Masking out what slots_read excludes (as the trainer does) changes nothing."""
+    image, patches, texts, mask, scale = random_inputs(seed=50)
+    mask = with_missing(mask)
+    kw = dict(dkw=dkw, slra=slra, subtexts=subtexts, aspects=aspects)
+    full = make_loss(image, patches, texts, mask, scale, **kw)
+    read = mask & slots_read(mask.shape[1], **kw)
+    assert_terms_close(make_loss(image, patches, texts, read, scale, **kw), full, atol=1e-12)
 
 
 def test_sigma_threshold_and_lambda():
@@ -209,6 +221,10 @@ def test_n1_with_switches_off_is_clip_loss():
     got = make_loss(image, patches, texts, mask, scale, dkw=False, slra=False, subtexts=False)
     want = ClipLoss()(image, texts[:, 0], scale.reshape(()))
     assert torch.allclose(got["total"], want, atol=1e-10)
+    # with all K + 3 slots present, every switch off reads the raw captions only
+    image, patches, texts, mask, scale = random_inputs(B=8, N=7, seed=4)
+    got = make_loss(image, patches, texts, mask, scale, dkw=False, slra=False, subtexts=False, aspects=False)
+    assert torch.allclose(got["total"], ClipLoss()(image, texts[:, 0], scale.reshape(())), atol=1e-10)
 
 
 def test_float32_and_bfloat16_inputs_accumulate_in_float32():

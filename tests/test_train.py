@@ -101,8 +101,27 @@ def test_zero_stages_train(tmp_path, shards, repo_root, ray_local, stage):
     assert artifacts == {"model/open_clip_config.json", "model/open_clip_pytorch_model.bin"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "plots", "model"}
     assert run.data.params["train.zero_stage"] == str(stage)
+    assert run.data.tags["system.world_size"] == "2" and run.data.tags["system.zero_stage"] == str(stage)
+    assert run.data.tags["system.precision"] == "fp32" and run.data.tags["system.device"]
     weights = exported_weights(result.run_dir)
     assert all(v.numel() > 0 for v in weights.values())  # ZeRO-3 shards were gathered for the export
+
+
+def test_evaluation_during_training_is_logged(tmp_path, shards, repo_root, ray_local):
+    from make_dist.train.launch import fit
+
+    synth = Path(shards).parent.parent / "synth"
+    fit(tiny(tmp_path, shards, repo_root, **{
+        "train.steps": 4, "train.checkpoint_every": 4, "evaluation.every_steps": 2,
+        "evaluation.classify_table": synth / "eval/classify.csv", "evaluation.classes": synth / "classes.yaml",
+        "evaluation.retrieval_table": synth / "eval/retrieval.csv", "evaluation.images_root": synth}))
+    client, run, _ = run_history(tmp_path)
+    top1 = client.get_metric_history(run.info.run_id, "eval/classify/top1")
+    assert sorted(m.step for m in top1) == [2, 4]
+    scored = client.get_metric_history(run.info.run_id, "eval/retrieval/scored")
+    assert {m.value for m in scored} == {40.0}  # every held-out image, each time
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "eval/classify")}
+    assert "eval/classify/confusion_matrix.png" in plots
 
 
 def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_root, ray_local, capfd):

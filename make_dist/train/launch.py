@@ -38,8 +38,16 @@ def check(cfg: Config) -> Config:
     if not cfg.data.train_shards:
         raise UserError("data.train_shards is not set: point it at shards (a manifest.json, a brace "
                         "pattern or a URL), e.g. written by `make-dist shards`")
+    ev = cfg.evaluation
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute(cfg.data.train_shards)),
-                  train=replace(cfg.train, storage=absolute(cfg.train.storage)))
+                  train=replace(cfg.train, storage=absolute(cfg.train.storage)),
+                  evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
+                                            ("classify_table", "classes", "concepts_table", "retrieval_table",
+                                             "images_root") if getattr(ev, k)}))
+    for key in ("classify_table", "classes", "concepts_table", "retrieval_table"):
+        path = getattr(cfg.evaluation, key)
+        if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+            raise UserError(f"evaluation.{key}: {path} does not exist")
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     if not urls[0].startswith("pipe:"):
         fs, path = fsspec.core.url_to_fs(urls[0])
@@ -80,7 +88,7 @@ def fit(cfg: Config) -> FitResult:
         train_loop_config={"config": cfg.to_dict(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
                            "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1}),
+                                               resources_per_worker=_resources(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.train.name,
             storage_path=cfg.train.storage,
@@ -96,3 +104,10 @@ def fit(cfg: Config) -> FitResult:
     tracker.finish(ok=True)
     metrics = dict(result.metrics or {})
     return FitResult(run_dir, tracker.run_id, tracker.uri, metrics)
+
+
+def _resources(cfg: Config) -> dict:
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return resources

@@ -22,7 +22,7 @@ import torch
 from ..config import Config, from_dict
 from ..data.stream import StreamConfig, make_loader, shard_urls
 from ..model import MakeModel, build_model, export_open_clip, tokenizer
-from ..objective import make_loss
+from ..objective import make_loss, slots_read
 from . import engine as ds
 from .tracking import StepLogger
 
@@ -126,15 +126,15 @@ def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:
     The loss is the global batch's on every rank (make_loss all-reduces it),
     so every rank takes the same decision and the collectives stay in step.
     """
-    cfg, engine = w.cfg, w.engine
+    cfg, engine, switches = w.cfg, w.engine, w.cfg.loss.switches()
     dtype = next(engine.module.parameters()).dtype
+    # Encode only the slots the loss reads under its switches (CLIP: the caption).
+    mask = batch["mask"] & slots_read(batch["mask"].shape[1], **switches)
+    mask = mask.to(w.device, non_blocking=True)
     out = engine(batch["image"].to(w.device, dtype, non_blocking=True),
-                 batch["tokens"].to(w.device, non_blocking=True),
-                 batch["mask"].to(w.device, non_blocking=True))
-    mask = batch["mask"].to(w.device)
+                 batch["tokens"].to(w.device, non_blocking=True), mask)
     terms = make_loss(out["image"], out["patches"], out["texts"], mask, out["scale"], lam=cfg.loss.lam,
-                      sigma=cfg.loss.sigma, dkw=cfg.loss.dkw, slra=cfg.loss.slra, subtexts=cfg.loss.subtexts,
-                      backend=cfg.loss.backend)
+                      sigma=cfg.loss.sigma, backend=cfg.loss.backend, **switches)
     if not torch.isfinite(terms["total"]).item():
         return None
     engine.backward(terms["total"])
@@ -152,14 +152,46 @@ def checkpoint(w: Worker, step: int, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def full_parameters(w: Worker):
+    """Under ZeRO-3 each rank holds a shard of every parameter: gather them all
+    (every rank enters together). A no-op for the other stages."""
+    if w.cfg.train.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(w.model.parameters()))
+
+
+def evaluate(w: Worker, step: int, loop_config: dict) -> None:
+    """The zero-shot tasks on the held-out tables, logged to the run at this step.
+
+    Rank 0 evaluates while the others wait; under ZeRO-3 the parameters are
+    sharded, so every rank runs the same forward passes and rank 0 logs.
+    """
+    from ..evaluate.report import log_mlflow
+    from ..evaluate.tasks import run_task
+
+    ev, zero3 = w.cfg.evaluation, w.cfg.train.zero_stage == 3
+    if w.rank == 0 or zero3:
+        with full_parameters(w):
+            results = [run_task(task, w.model, tokenizer(w.cfg.model), table, ev.images_root, ev.classes)
+                       for task, table in ev.tables().items()]
+        w.model.train()
+        if w.rank == 0:
+            summary = "  ".join(f"{r.task} " + " ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()
+                                                       if "/" not in k and k != "chance_top1") for r in results)
+            say(f"step {step}: evaluation: {summary}")
+            if loop_config.get("run_id"):
+                log_mlflow(results, loop_config["tracking_uri"], loop_config["run_id"], step=step)
+    if w.world > 1:
+        torch.distributed.barrier()
+
+
 def export_final(w: Worker, run_dir: str) -> None:
     """The trained model, open_clip-loadable, at RUN_DIR/model (rank 0 writes)."""
-    import deepspeed
     import fsspec
 
-    zero3 = w.cfg.train.zero_stage == 3  # parameters are sharded: gather them first
-    gather = deepspeed.zero.GatheredParameters(list(w.model.parameters())) if zero3 else contextlib.nullcontext()
-    with gather:
+    with full_parameters(w):
         if w.rank == 0:
             with tempfile.TemporaryDirectory() as local:
                 export_open_clip(w.model, local)
@@ -174,6 +206,8 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"], source="<driver>")
     w = setup(cfg)
     log = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if w.rank == 0 else None
+    if log is not None:
+        log.facts(device_facts(w))
     step, nonfinite_run = w.start_step, 0
     skipped = torch.zeros((), dtype=torch.long)
     wait_start = time.perf_counter()
@@ -212,12 +246,26 @@ def train_worker(loop_config: dict) -> None:
                 say(f"step {step}/{cfg.train.steps}  loss {metrics['loss/total']:.4f}  "
                     f"mkcl {metrics['loss/mkcl']:.4f}  slra {metrics['loss/slra']:.4f}  "
                     f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
+        every = cfg.evaluation.every_steps
+        if cfg.evaluation.tables() and ((every and step % every == 0) or step == cfg.train.steps):
+            evaluate(w, step, loop_config)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint(w, step, {"step": step, "loss": float(result["loss/total"])})
         wait_start = time.perf_counter()
     if step < cfg.train.steps:
         raise RuntimeError(f"the data stream ended at step {step} of {cfg.train.steps}")
     export_final(w, loop_config["run_dir"])
+
+
+def device_facts(w: Worker) -> dict[str, str]:
+    import platform
+
+    import deepspeed
+
+    device = torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": device, "world_size": str(w.world), "deepspeed": deepspeed.__version__,
+            "precision": ds.precision(w.cfg), "zero_stage": str(w.cfg.train.zero_stage),
+            "torch_threads": str(torch.get_num_threads())}
 
 
 def _sum_over_ranks(count: torch.Tensor, w: Worker) -> float:

@@ -22,8 +22,23 @@ RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a restarted run re
 PLOTTED = ("loss/total", "loss/mkcl", "loss/i2t", "loss/t2i", "loss/slra", "lr", "logit_scale", "samples_per_s")
 
 
+def default_tracking_uri() -> str:
+    """The local store: mlflow.db in the working directory."""
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
 def tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    return cfg.tracking.uri or default_tracking_uri()
+
+
+def experiment_id(client, name: str) -> str:
+    """The experiment's id, created if new (here, in the driver: workers cannot,
+    NOTES.md). With the local sqlite store, artifacts go to ./mlartifacts."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local = client.tracking_uri.startswith("sqlite:") and client.tracking_uri == default_tracking_uri()
+    return client.create_experiment(name, artifact_location=f"file://{os.path.abspath('mlartifacts')}" if local else None)
 
 
 class RunTracker:
@@ -35,15 +50,10 @@ class RunTracker:
         self.cfg, self.run_dir = cfg, run_dir
         self.uri = tracking_uri(cfg)
         self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is None:  # created here: workers cannot create it (NOTES.md)
-            location = None if cfg.tracking.uri else f"file://{os.path.abspath('mlartifacts')}"
-            experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
         self.run_id = self._reopen()
         if self.run_id is None:
-            run = self.client.create_run(experiment_id, run_name=cfg.tracking.run_name or cfg.train.name,
+            run = self.client.create_run(experiment_id(self.client, cfg.tracking.experiment),
+                                         run_name=cfg.tracking.run_name or cfg.train.name,
                                          tags={"make_dist.run_dir": run_dir})
             self.run_id = run.info.run_id
             self._log_config()
@@ -129,6 +139,12 @@ class StepLogger:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(uri)
+
+    def facts(self, facts: dict[str, str]) -> None:
+        """What only a worker can see (its device, library versions), as tags."""
+        if self.run_id:
+            for key, value in facts.items():
+                self.client.set_tag(self.run_id, f"system.{key}", value)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.run_id:

@@ -1,0 +1,213 @@
+"""The data schema (SPEC section 1): one sample, its N = K + 3 text slots, and
+how a table row becomes one. Every other data module reads this one.
+
+    slot 0      raw caption
+    slot 1      disease aspect   "This is a skin photo diagnosed as malignant, melanoma."
+    slot 2      concept aspect   "This skin photo shows plaque, scale, erythema."
+    slots 3..   subtexts: the caption's sentences, at most K
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+RAW, DISEASE, CONCEPT, FIRST_SUBTEXT = 0, 1, 2, 3
+DEFAULT_K = 8
+
+DISEASE_TEMPLATE = "This is a skin photo diagnosed as {}."
+CONCEPT_TEMPLATE = "This skin photo shows {}."
+
+# A sentence ends at . ! ? ; followed by whitespace or the end of the caption.
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+def n_slots(k: int) -> int:
+    return k + FIRST_SUBTEXT
+
+
+def split_sentences(caption: str, k: int = DEFAULT_K) -> list[str]:
+    """The caption's sentences: split at sentence ends, strip, drop empty
+    pieces and each piece's final period, keep the first k. A caption with
+    no sentence end gives one subtext equal to the caption."""
+    pieces = []
+    for piece in _SENTENCE_END.split(caption.strip()):
+        piece = piece.strip()
+        if piece.endswith("."):
+            piece = piece[:-1].rstrip()
+        if piece:
+            pieces.append(piece)
+    return pieces[:k]
+
+
+def disease_text(path: str) -> str:
+    """Disease-aspect text from an ontology path like "malignant, melanoma"."""
+    return DISEASE_TEMPLATE.format(path.strip())
+
+
+def concept_text(concepts: list[str]) -> str:
+    """Concept-aspect text from a list of concepts."""
+    return CONCEPT_TEMPLATE.format(", ".join(c.strip() for c in concepts))
+
+
+@dataclass
+class Sample:
+    """The texts of one image, as stored in a shard's `.json`."""
+
+    caption: str
+    disease_text: str | None = None
+    concept_text: str | None = None
+    subtexts: list[str] = field(default_factory=list)
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def texts(self, k: int = DEFAULT_K) -> list[str | None]:
+        """The N = k + 3 slots; None marks a missing slot."""
+        subtexts = (self.subtexts or split_sentences(self.caption, k))[:k]
+        slots: list[str | None] = [self.caption, self.disease_text, self.concept_text, *subtexts]
+        return slots + [None] * (n_slots(k) - len(slots))
+
+    def to_json(self) -> dict[str, Any]:
+        record = {"caption": self.caption, "disease_text": self.disease_text,
+                  "concept_text": self.concept_text, "subtexts": self.subtexts}
+        if self.label is not None:
+            record["label"] = self.label
+        record.update(self.extra)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "Sample":
+        known = {"caption", "disease_text", "concept_text", "subtexts", "label"}
+        return cls(
+            caption=record["caption"],
+            disease_text=record.get("disease_text"),
+            concept_text=record.get("concept_text"),
+            subtexts=list(record.get("subtexts") or []),
+            label=record.get("label"),
+            extra={k: v for k, v in record.items() if k not in known},
+        )
+
+
+# ---------------------------------------------------------------------------
+# Table rows -> samples, through a column mapping
+
+
+class RowError(ValueError):
+    """A row that cannot become a sample; the message is the reason recorded."""
+
+
+@dataclass
+class Columns:
+    """Which table column holds what (configs/columns/*.yaml).
+
+    `subtexts` is either one column holding a JSON list or a list of columns
+    (one sentence each, as in the MAKE example file). A cell whose text is in
+    `missing` (compared case-insensitively) counts as empty.
+    """
+
+    image: str = "image"
+    caption: str = "caption"
+    disease_text: str | None = None  # used verbatim
+    concept_text: str | None = None  # used verbatim
+    disease: str | None = None  # ontology path, templated into the disease text
+    concepts: str | None = None  # comma-separated list, templated into the concept text
+    subtexts: str | list[str] | None = None
+    label: str | None = None
+    extra: list[str] = field(default_factory=list)  # copied into the sample's json
+    missing: list[str] = field(default_factory=lambda: ["", "nan", "none", "null"])
+
+    def used(self) -> list[str]:
+        """Every column the mapping reads."""
+        names = [self.image, self.caption, self.disease_text, self.concept_text, self.disease,
+                 self.concepts, self.label, *self.extra]
+        names += self.subtexts if isinstance(self.subtexts, list) else [self.subtexts]
+        return [n for n in names if n]
+
+    def sample(self, row: dict[str, Any], k: int = DEFAULT_K) -> Sample:
+        """The sample of one row; raises RowError with the reason when it has none."""
+        caption = self._text(row, self.caption, "caption")
+        if caption is None:
+            raise RowError(f"empty caption (column {self.caption!r})")
+        disease = self._text(row, self.disease_text, "disease text")
+        if disease is None and self.disease:
+            path = self._text(row, self.disease, "disease")
+            disease = disease_text(path) if path else None
+        concepts = self._text(row, self.concept_text, "concept text")
+        if concepts is None and self.concepts:
+            listed = self._text(row, self.concepts, "concepts")
+            items = [c.strip() for c in (listed or "").split(",") if c.strip()]
+            concepts = concept_text(items) if items else None
+        return Sample(
+            caption=caption,
+            disease_text=disease,
+            concept_text=concepts,
+            subtexts=self._subtexts(row, caption, k),
+            label=self._text(row, self.label, "label"),
+            extra={name: _plain(row.get(name)) for name in self.extra},
+        )
+
+    def _subtexts(self, row, caption: str, k: int) -> list[str]:
+        if isinstance(self.subtexts, list):
+            found = [self._text(row, name, "subtext") for name in self.subtexts]
+            subtexts = [s for s in found if s]
+        elif self.subtexts:
+            cell = self._text(row, self.subtexts, "subtexts")
+            subtexts = _json_list(cell, self.subtexts) if cell else []
+        else:
+            subtexts = []
+        return subtexts[:k] if subtexts else split_sentences(caption, k)
+
+    def _text(self, row: dict[str, Any], column: str | None, what: str) -> str | None:
+        """The stripped text of a cell; None when the column is unmapped or the cell empty."""
+        if not column:
+            return None
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if not isinstance(value, str):
+            raise RowError(f"{what} (column {column!r}) is {type(value).__name__} {value!r}, not text")
+        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):  # surrogate-escaped bad bytes
+            raise RowError(f"{what} (column {column!r}) holds bytes that are not valid UTF-8")
+        value = value.strip()
+        return None if value.lower() in self.missing else value
+
+
+def _json_list(cell: str, column: str) -> list[str]:
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        raise RowError(f"subtexts (column {column!r}) is not a JSON list") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RowError(f"subtexts (column {column!r}) is not a JSON list of strings")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe cell value (numpy scalars and NaN become Python values)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def load_columns(path) -> Columns:
+    """A column mapping from YAML; unknown keys and wrong types name the file."""
+    import yaml
+
+    from ..config import ConfigError, build_section
+
+    try:
+        raw = yaml.safe_load(open(path).read()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read column mapping: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a column mapping is a YAML mapping (image: ..., caption: ...)")
+    columns = build_section(Columns, raw, "columns", lambda section, key: str(path))
+    columns.missing = [m.lower() for m in columns.missing]
+    return columns

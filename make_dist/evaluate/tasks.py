@@ -1,0 +1,235 @@
+"""The three zero-shot tasks (SPEC section 5) on a model and a table.
+
+    classify  image + label       -> top-1, top-5, macro AUROC, confusion matrix
+    concepts  image + 0/1 columns -> AUROC per concept and their mean
+    retrieval image + caption     -> recall at 10, 50, 100 both ways (i2t_R10 ...) and their mean
+
+Every image of the table is scored (the authors' evaluation scored only its
+first batch); an image that cannot be read is skipped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+from PIL import Image
+
+from ..data.shards import read_table, resolve
+from ..data.stream import image_transform
+from ..errors import UserError
+from . import metrics
+from .prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
+
+TASKS = ("classify", "concepts", "retrieval")
+RECALL_KS = (10, 50, 100)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    rows: int  # rows in the table
+    scored: int  # images scored
+    skipped: list[dict] = field(default_factory=list)  # [{row, image, reason}]
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what the plots show
+
+    def to_json(self) -> dict:
+        details = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in self.details.items()}
+        return {"task": self.task, "rows": self.rows, "scored": self.scored, "skipped": self.skipped,
+                "metrics": self.metrics, "details": details}
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+
+
+class _TableImages(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], images_root: str | None, transform):
+        self.paths, self.root, self.transform = paths, images_root, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import fsspec
+
+        try:
+            with fsspec.open(resolve(self.paths[i], self.root), "rb") as f:
+                image = Image.open(f)
+                image.load()
+            return i, self.transform(image.convert("RGB")), None
+        except FileNotFoundError:
+            return i, None, "image not found"
+        except Exception as e:  # unreadable, truncated, not an image
+            return i, None, f"image unreadable: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    return items
+
+
+@torch.no_grad()
+def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0):
+    """(embeddings (M, D) of the readable images, their row indices, skipped records)."""
+    visual = model.clip.visual
+    transform = image_transform(model.image_size, train=False, mean=getattr(visual, "image_mean", None),
+                                std=getattr(visual, "image_std", None))
+    loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    device, dtype = _device_dtype(model)
+    embeddings, rows, skipped = [], [], []
+    for items in loader:
+        good = [(i, x) for i, x, reason in items if reason is None]
+        skipped += [{"row": i, "image": paths[i], "reason": reason} for i, _, reason in items if reason]
+        if good:
+            batch = torch.stack([x for _, x in good]).to(device, dtype)
+            embeddings.append(model.encode_image(batch)[0].float())
+            rows += [i for i, _ in good]
+    if not embeddings:
+        raise UserError(f"no image of the table could be read ({len(skipped)} tried; first: "
+                        f"{skipped[0]['image']}: {skipped[0]['reason']})" if skipped else "the table has no images")
+    return torch.cat(embeddings), torch.tensor(rows), skipped
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    device, _ = _device_dtype(model)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        length = max(int((tokens != 0).sum(1).max()), 1)
+        out.append(model.encode_text(tokens[:, :length]).float())
+    return torch.cat(out)
+
+
+def _device_dtype(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+# ---------------------------------------------------------------------------
+# Tasks
+
+
+def load_classes(path: str) -> dict[str, list[str]]:
+    """Class names and their synonyms: a YAML mapping `name: [synonyms]`, or a
+    list of names or of `{name, synonyms}`."""
+    try:
+        raw = yaml.safe_load(open(path).read())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the class list: {e.strerror}") from None
+    if isinstance(raw, dict):
+        classes = {str(k): [str(s) for s in (v or [])] for k, v in raw.items()}
+    elif isinstance(raw, list):
+        classes = {}
+        for item in raw:
+            if isinstance(item, dict) and "name" in item:
+                classes[str(item["name"])] = [str(s) for s in item.get("synonyms") or []]
+            else:
+                classes[str(item)] = []
+    else:
+        raise UserError(f"{path}: a class list is a YAML mapping of names to synonyms, or a list")
+    if len(classes) < 2:
+        raise UserError(f"{path}: at least 2 classes are needed, found {len(classes)}")
+    return classes
+
+
+def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images_root: str | None = None,
+             image_column: str = "image", label_column: str = "label", batch_size: int = 64) -> TaskResult:
+    rows = _rows(table, [image_column, label_column])
+    names = list(classes)
+    unknown = sorted({str(r[label_column]) for r in rows} - set(names))
+    if unknown:
+        raise UserError(f"{table}: labels not in the class list: {', '.join(unknown[:10])}"
+                        f"{' ...' if len(unknown) > 10 else ''} (classes: {', '.join(names[:10])} ...)")
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    prototypes = torch.stack([_prompt_mean(model, tokenizer, [t.format(n) for t in CLASS_TEMPLATES
+                                                              for n in [name, *classes[name]]]) for name in names])
+    scores = images @ prototypes.T
+    labels = torch.tensor([names.index(str(rows[i][label_column])) for i in scored.tolist()])
+    predicted = scores.argmax(1)
+    result = TaskResult("classify", len(rows), len(scored), skipped, {
+        "top1": metrics.topk_accuracy(scores, labels, 1),
+        "top5": metrics.topk_accuracy(scores, labels, 5),
+        "chance_top1": 1 / len(names),
+    }, {"classes": names, "confusion": metrics.confusion_matrix(predicted, labels, len(names))})
+    if len(names) <= 50:  # one-vs-rest AUROC means little over hundreds of classes
+        result.metrics["macro_auroc"] = metrics.macro_auroc(scores.softmax(1), labels)
+    return result
+
+
+def annotate_concepts(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
+                      batch_size: int = 64) -> TaskResult:
+    rows = _rows(table, [image_column])
+    concepts = [c for c in rows[0] if c != image_column]
+    if not concepts:
+        raise UserError(f"{table}: no concept columns beside {image_column!r}")
+    for c in concepts:
+        bad = [i for i, r in enumerate(rows) if str(r[c]).strip() not in ("0", "1", "0.0", "1.0")]
+        if bad:
+            raise UserError(f"{table}: concept column {c!r} holds {rows[bad[0]][c]!r} at row {bad[0]} (0 or 1 expected)")
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    scale = model.scale().float().detach()
+    probability = torch.zeros(len(scored), len(concepts))
+    for concept_template, reference in CONCEPT_TEMPLATES:
+        prompts = encode_texts(model, tokenizer, [concept_template.format(c) for c in concepts] + [reference])
+        logits = scale * images @ prompts.T  # (M, C + 1)
+        pair = torch.stack([logits[:, :-1], logits[:, -1:].expand(-1, len(concepts))], -1)
+        probability += pair.softmax(-1)[..., 0].cpu() / len(CONCEPT_TEMPLATES)
+    truth = torch.tensor([[float(rows[i][c]) > 0.5 for c in concepts] for i in scored.tolist()])
+    per_concept = {c: metrics.auroc(probability[:, j], truth[:, j]) for j, c in enumerate(concepts)}
+    defined = [v for v in per_concept.values() if v == v]
+    result = TaskResult("concepts", len(rows), len(scored), skipped,
+                        {"mean_auroc": sum(defined) / len(defined) if defined else float("nan")},
+                        {"auroc": per_concept})
+    result.metrics.update({f"auroc/{c.replace(' ', '_')}": v for c, v in per_concept.items() if v == v})
+    return result
+
+
+def retrieve(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
+             caption_column: str = "caption", batch_size: int = 64) -> TaskResult:
+    """Row i's image matches row i's caption; every pair of the table is in play."""
+    rows = _rows(table, [image_column, caption_column])
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    captions = encode_texts(model, tokenizer, [str(rows[i][caption_column]) for i in scored.tolist()])
+    similarity = images @ captions.T
+    result = TaskResult("retrieval", len(rows), len(scored), skipped)
+    curves = {}
+    for direction, sim in (("i2t", similarity), ("t2i", similarity.T)):
+        for k in RECALL_KS:
+            result.metrics[f"{direction}_R{k}"] = metrics.recall_at_k(sim, k)
+        curves[direction] = [metrics.recall_at_k(sim, k) for k in range(1, min(100, len(scored)) + 1)]
+    result.metrics["mean_recall"] = sum(result.metrics.values()) / len(result.metrics)
+    result.details["recall_curves"] = curves
+    return result
+
+
+def run_task(task: str, model, tokenizer, table: str, images_root: str | None = None,
+             classes: str | None = None) -> TaskResult:
+    model.eval()
+    if task == "classify":
+        if not classes:
+            raise UserError("classify needs a class list (--classes YAML)")
+        return classify(model, tokenizer, table, load_classes(classes), images_root)
+    if task == "concepts":
+        return annotate_concepts(model, tokenizer, table, images_root)
+    if task == "retrieval":
+        return retrieve(model, tokenizer, table, images_root)
+    raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+
+
+def _prompt_mean(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """The template ensemble: mean of the normalised prompt embeddings, renormalised."""
+    return torch.nn.functional.normalize(encode_texts(model, tokenizer, prompts).mean(0), dim=-1)
+
+
+def _rows(table: str, columns: list[str]) -> list[dict]:
+    rows = read_table(table)
+    if not rows:
+        raise UserError(f"{table}: the table has no rows")
+    absent = [c for c in columns if c not in rows[0]]
+    if absent:
+        raise UserError(f"{table}: no column {', '.join(map(repr, absent))} (the table has: {', '.join(rows[0])})")
+    return rows

@@ -1,0 +1,152 @@
+"""Zero-shot evaluation: metrics by hand, each task end to end, whole-table counts, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from make_dist.config import ModelConfig
+from make_dist.errors import UserError
+from make_dist.evaluate import metrics
+from make_dist.evaluate.tasks import load_classes, run_task
+from make_dist.model import build_model, export_open_clip, tokenizer
+
+EXE = Path(sys.executable).parent / "make-dist"
+
+
+# ---------------------------------------------------------------------------
+# Metrics against hand-computed cases
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.7, 0.2], [0.4, 0.35, 0.25]])
+    labels = torch.tensor([0, 0, 2, 1])
+    assert metrics.topk_accuracy(scores, labels, 1) == 0.25  # only row 0
+    assert metrics.topk_accuracy(scores, labels, 2) == 0.75  # rows 0, 2 (0.2 second), 3
+    assert metrics.topk_accuracy(scores, labels, 5) == 1.0  # k beyond the classes
+
+
+def test_auroc_by_hand():
+    # positives 0.8, 0.4 against negatives 0.6, 0.2, 0.4:
+    # 0.8 wins all 3; 0.4 loses to 0.6, beats 0.2, ties 0.4 (half) -> (3 + 1.5) / 6
+    scores = torch.tensor([0.8, 0.6, 0.4, 0.2, 0.4])
+    positive = torch.tensor([1, 0, 1, 0, 0])
+    assert metrics.auroc(scores, positive) == pytest.approx(4.5 / 6)
+    assert metrics.auroc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+    assert math.isnan(metrics.auroc(torch.tensor([0.1, 0.9]), torch.tensor([1, 1])))
+
+
+def test_macro_auroc_and_confusion():
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    labels = torch.tensor([0, 1, 1, 2])
+    # class 0: positive 0.7 beats 0.6, 0.1, 0.2 -> 1; class 1: positives 0.3, 0.8 vs 0.2, 0.2 -> 1;
+    # class 2: positive 0.6 vs 0.1, 0.1, 0.1 -> 1
+    assert metrics.macro_auroc(scores, labels) == 1.0
+    confusion = metrics.confusion_matrix(scores.argmax(1), labels, 3)
+    assert confusion.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_recall_at_k():
+    sim = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.4, 0.3], [0.1, 0.8, 0.7]])
+    # row 0 match ranks 1st; row 1 match (0.4) ranks 2nd; row 2 match (0.7) ranks 2nd
+    assert metrics.recall_at_k(sim, 1) == pytest.approx(1 / 3)
+    assert metrics.recall_at_k(sim, 2) == 1.0
+    # captions as queries: caption 0 finds image 0 first (0.9), caption 1 ranks image 1
+    # second (0.8 of image 2 beats 0.4), caption 2 finds image 2 first (0.7)
+    assert metrics.recall_at_k(sim.T, 1) == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------
+# Tasks end to end, on a tiny random model and tables larger than one batch
+
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory):
+    from make_dist.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("eval")
+    synthesize(root, n=1, n_eval=150, size=64, seed=5, workers=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="make-tiny"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer(ModelConfig(name="make-tiny"))
+
+
+def test_classify_scores_every_image(eval_set, model, tok):
+    r = run_task("classify", model, tok, str(eval_set / "eval/classify.csv"), str(eval_set),
+                 str(eval_set / "classes.yaml"))
+    assert r.rows == r.scored == 150 and not r.skipped  # more than two batches of 64
+    assert 0 <= r.metrics["top1"] <= r.metrics["top5"] <= 1 and 0 <= r.metrics["macro_auroc"] <= 1
+    assert r.details["confusion"].sum() == 150 and r.metrics["chance_top1"] == pytest.approx(1 / 15)
+
+
+def test_concepts_and_retrieval_score_every_image(eval_set, model, tok):
+    c = run_task("concepts", model, tok, str(eval_set / "eval/concepts.csv"), str(eval_set))
+    assert c.scored == 150 and 0 <= c.metrics["mean_auroc"] <= 1 and len(c.details["auroc"]) == 19
+    r = run_task("retrieval", model, tok, str(eval_set / "eval/retrieval.csv"), str(eval_set))
+    assert r.scored == 150
+    assert r.metrics["i2t_R10"] <= r.metrics["i2t_R50"] <= r.metrics["i2t_R100"] <= 1
+    assert len(r.details["recall_curves"]["i2t"]) == 100
+
+
+def test_bad_input(eval_set, model, tok, tmp_path):
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(yaml.safe_dump({"psoriasis": ["plaque psoriasis"], "eczema": []}))
+    with pytest.raises(UserError, match="labels not in the class list"):
+        run_task("classify", model, tok, str(eval_set / "eval/classify.csv"), str(eval_set), str(classes))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,label\n")
+    with pytest.raises(UserError, match="no rows"):
+        run_task("classify", model, tok, str(empty), str(eval_set), str(eval_set / "classes.yaml"))
+    rows = pd.read_csv(eval_set / "eval/retrieval.csv").head(20)
+    rows.loc[3, "image"] = "images/eval/missing.jpg"
+    rows.to_csv(tmp_path / "retrieval.csv", index=False)
+    r = run_task("retrieval", model, tok, str(tmp_path / "retrieval.csv"), str(eval_set))
+    assert r.rows == 20 and r.scored == 19 and r.skipped == [{"row": 3, "image": "images/eval/missing.jpg",
+                                                              "reason": "image not found"}]
+    bad = pd.read_csv(eval_set / "eval/concepts.csv").head(5)
+    bad.loc[2, "scale"] = 7
+    bad.to_csv(tmp_path / "concepts.csv", index=False)
+    with pytest.raises(UserError, match="concept column 'scale' holds '7' at row 2"):
+        run_task("concepts", model, tok, str(tmp_path / "concepts.csv"), str(eval_set))
+
+
+def test_class_list_forms(tmp_path):
+    (tmp_path / "a.yaml").write_text("- melanoma\n- name: nevus\n  synonyms: [mole]\n")
+    assert load_classes(str(tmp_path / "a.yaml")) == {"melanoma": [], "nevus": ["mole"]}
+    (tmp_path / "b.yaml").write_text("- only\n")
+    with pytest.raises(UserError, match="at least 2 classes"):
+        load_classes(str(tmp_path / "b.yaml"))
+
+
+def test_cli_eval_json_and_mlflow(eval_set, model, tmp_path):
+    export_open_clip(model, tmp_path / "model")
+    out = subprocess.run(
+        [str(EXE), "eval", "--model", str(tmp_path / "model"), "--task", "classify",
+         "--table", str(eval_set / "eval/classify.csv"), "--images-root", str(eval_set),
+         "--classes", str(eval_set / "classes.yaml"), "--out", str(tmp_path / "r.json"),
+         "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "top1" in out.stdout and "classify 150/150 images" in out.stdout
+    (result,) = json.loads((tmp_path / "r.json").read_text())[str(tmp_path / "model")]
+    assert result["scored"] == 150 and set(result["metrics"]) >= {"top1", "top5", "macro_auroc"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("make-dist-eval").experiment_id])
+    assert run.data.metrics["eval/classify/scored"] == 150 and "eval/classify/top1" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/classify")}
+    assert "eval/classify/confusion_matrix.png" in artifacts
