@@ -108,6 +108,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A Ray Tune sweep over training configs; rerun the same sweep to resume it."""
+    from .sweep import load_sweep, run_sweep
+
+    sweep, base = load_sweep(args.config, args.overrides)
+    run_sweep(sweep, base)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make-dist",
@@ -136,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="training steps of each run (default: 200)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="hyperparameter sweep (Ray Tune, MLflow parent and nested runs)",
+                       description=cmd_sweep.__doc__)
+    p.add_argument("--config", required=True, metavar="YAML", help="sweep file, e.g. configs/sweep_ablation.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of the base training config (repeatable)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="zero-shot classification, concept annotation, retrieval",
                        description=cmd_eval.__doc__)

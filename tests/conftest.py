@@ -34,3 +34,56 @@ def tiny_shards(tmp_path_factory, repo_root) -> str:
                  load_columns(repo_root / "configs/columns/synthetic.yaml"), images_root=str(root / "synth"),
                  shard_size=8, workers=2, progress=False)
     return str(root / "shards/manifest.json")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A real local cluster: `ray start --head --block` on 127.0.0.1, with token
+    auth; stopping that process stops this cluster alone (`ray stop` would stop
+    every Ray on the machine)."""
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    dashboard = free_port()
+    # The head and the submitting client share one token (RAY_AUTH_MODE must be
+    # set for both, see docs/cluster.md).
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_TMPDIR=f"/tmp/mdj{dashboard}",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+         "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            break
+        except OSError as e:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start --head did not come up ({e})") from None
+            time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()

@@ -1,38 +1,16 @@
 """The cluster path: `ray start --head` on 127.0.0.1, then `ray job submit` of
 jobs/pretrain.py, as a user runs it."""
 
-import os
-import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    dashboard = free_port()
-    # Token authentication, as a cluster should run: the head and the submitting
-    # client share one token (RAY_AUTH_MODE must be set for both, see docs/cluster.md).
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_TMPDIR=f"/tmp/mdj{dashboard}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_job_submit_trains_and_tracks(tmp_path, repo_root, tiny_shards, ray_head):
@@ -55,3 +33,41 @@ def test_job_submit_trains_and_tracks(tmp_path, repo_root, tiny_shards, ray_head
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
     model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/open_clip_pytorch_model.bin" in model
+
+
+def test_sweep_job_runs_trials_nested_in_mlflow(tmp_path, repo_root, tiny_shards, ray_head):
+    """A 2-trial sweep over the learning rate, each trial a whole training run
+    reporting a held-out metric, through `ray job submit`."""
+    address, env = ray_head
+    synth = Path(tiny_shards).parent.parent / "synth"
+    db = tmp_path / "mlflow.db"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": str(repo_root / "configs/tiny.yaml"),
+        "set": [f"data.train_shards={tiny_shards}", "train.steps=2", "train.checkpoint_every=2", "train.workers=1",
+                "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
+                f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
+                "evaluation.every_steps=1", f"tracking.uri=sqlite:///{db}"],
+        "space": {"optim.lr": {"grid": [1.0e-4, 5.0e-4]}},
+        "metric": "eval/classify/top1", "mode": "max", "scheduler": "asha",
+        "storage": str(tmp_path / "runs"), "name": "lr",
+    }))
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo_root), "--",
+         "python", "jobs/sweep.py", "--config", str(sweep)], env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "2 trials (0 failed); best eval/classify/top1" in job.stdout + job.stderr
+    client = MlflowClient(f"sqlite:///{db}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "make-dist-tiny"]
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "sweep lr"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert sorted(float(t.data.params["optim.lr"]) for t in trials) == [1e-4, 5e-4]
+    for t in trials:  # each trial's curves and held-out metric at both steps
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [1, 2]
+        assert len(client.get_metric_history(t.info.run_id, "loss/total")) == 2
+    best = max(trials, key=lambda t: t.data.metrics["eval/classify/top1"])
+    assert parent.data.metrics["best/eval/classify/top1"] == pytest.approx(best.data.metrics["eval/classify/top1"])
+    assert float(parent.data.params["best.optim.lr"]) == float(best.data.params["optim.lr"])
+    assert parent.info.status == "FINISHED"

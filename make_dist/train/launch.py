@@ -17,7 +17,7 @@ import fsspec
 from ..config import Config
 from ..data.stream import shard_urls
 from ..errors import UserError
-from .tracking import RunTracker
+from .tracking import RunTracker, tracking_uri
 
 
 @dataclass
@@ -41,6 +41,7 @@ def check(cfg: Config) -> Config:
     ev = cfg.evaluation
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute(cfg.data.train_shards)),
                   train=replace(cfg.train, storage=absolute(cfg.train.storage)),
+                  tracking=replace(cfg.tracking, uri=tracking_uri(cfg)),  # the driver's store, for every process
                   evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
                                             ("classify_table", "classes", "concepts_table", "retrieval_table",
                                              "images_root") if getattr(ev, k)}))
@@ -70,7 +71,10 @@ def init_ray() -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
-def fit(cfg: Config) -> FitResult:
+def fit(cfg: Config, *, parent_run_id: str | None = None, callbacks: list | None = None,
+        params: dict | None = None) -> FitResult:
+    """Train. A sweep's trial passes its parent MLflow run, Tune's report
+    callback and the sampled parameters (logged beside the config)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -78,9 +82,10 @@ def fit(cfg: Config) -> FitResult:
 
     cfg = check(cfg)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
-    tracker = RunTracker(cfg, run_dir)
+    tracker = RunTracker(cfg, run_dir, parent_run_id=parent_run_id,
+                         params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
     print(f"make-dist: MLflow run {tracker.run_id} at {tracker.uri}")
-    if not cfg.tracking.uri:
+    if tracker.uri.startswith("sqlite:"):
         print(f"make-dist: see it with  mlflow ui --backend-store-uri {tracker.uri}")
     init_ray()
     trainer = TorchTrainer(
@@ -94,6 +99,7 @@ def fit(cfg: Config) -> FitResult:
             storage_path=cfg.train.storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -142,13 +142,17 @@ def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "logit_scale": out["scale"].detach()}
 
 
-def checkpoint(w: Worker, step: int, metrics: dict) -> None:
-    """Write this rank's part of the state and report it; Ray Train keeps a
-    checkpoint only once every rank's part is in storage."""
+def report(w: Worker, metrics: dict, save: bool) -> None:
+    """Report to Ray Train (every rank), with a checkpoint when `save`: this
+    rank writes its part of the state, and Ray Train keeps the checkpoint only
+    once every rank's part is in storage."""
     import ray.train
 
+    if not save:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory(prefix="make-dist-ckpt-") as directory:
-        ds.save_checkpoint(w.engine, directory, step, {"nonfinite": w.nonfinite_total})
+        ds.save_checkpoint(w.engine, directory, metrics["step"], {"nonfinite": w.nonfinite_total})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -162,8 +166,9 @@ def full_parameters(w: Worker):
     return deepspeed.zero.GatheredParameters(list(w.model.parameters()))
 
 
-def evaluate(w: Worker, step: int, loop_config: dict) -> None:
-    """The zero-shot tasks on the held-out tables, logged to the run at this step.
+def evaluate(w: Worker, step: int, loop_config: dict) -> dict[str, float]:
+    """The zero-shot tasks on the held-out tables, logged to the run at this
+    step; returns their metrics as `eval/<task>/<metric>` (rank 0; {} elsewhere).
 
     Rank 0 evaluates while the others wait; under ZeRO-3 the parameters are
     sharded, so every rank runs the same forward passes and rank 0 logs.
@@ -172,6 +177,7 @@ def evaluate(w: Worker, step: int, loop_config: dict) -> None:
     from ..evaluate.tasks import run_task
 
     ev, zero3 = w.cfg.evaluation, w.cfg.train.zero_stage == 3
+    flat = {}
     if w.rank == 0 or zero3:
         with full_parameters(w):
             results = [run_task(task, w.model, tokenizer(w.cfg.model), table, ev.images_root, ev.classes)
@@ -183,8 +189,10 @@ def evaluate(w: Worker, step: int, loop_config: dict) -> None:
             say(f"step {step}: evaluation: {summary}")
             if loop_config.get("run_id"):
                 log_mlflow(results, loop_config["tracking_uri"], loop_config["run_id"], step=step)
+            flat = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if "/" not in k}
     if w.world > 1:
         torch.distributed.barrier()
+    return flat
 
 
 def export_final(w: Worker, run_dir: str) -> None:
@@ -208,7 +216,7 @@ def train_worker(loop_config: dict) -> None:
     log = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id")) if w.rank == 0 else None
     if log is not None:
         log.facts(device_facts(w))
-    step, nonfinite_run = w.start_step, 0
+    step, nonfinite_run, last_eval = w.start_step, 0, {}
     skipped = torch.zeros((), dtype=torch.long)
     wait_start = time.perf_counter()
     for batch in batches(w):
@@ -247,10 +255,12 @@ def train_worker(loop_config: dict) -> None:
                     f"mkcl {metrics['loss/mkcl']:.4f}  slra {metrics['loss/slra']:.4f}  "
                     f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
         every = cfg.evaluation.every_steps
-        if cfg.evaluation.tables() and ((every and step % every == 0) or step == cfg.train.steps):
-            evaluate(w, step, loop_config)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            checkpoint(w, step, {"step": step, "loss": float(result["loss/total"])})
+        evaluated = bool(cfg.evaluation.tables()) and ((every and step % every == 0) or step == cfg.train.steps)
+        if evaluated:
+            last_eval = evaluate(w, step, loop_config)
+        save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+        if save or evaluated:  # what Ray Train (and a sweep's scheduler) sees
+            report(w, {"step": step, "loss/total": float(result["loss/total"]), **last_eval}, save)
         wait_start = time.perf_counter()
     if step < cfg.train.steps:
         raise RuntimeError(f"the data stream ended at step {step} of {cfg.train.steps}")

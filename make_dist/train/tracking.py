@@ -3,7 +3,7 @@ facts and, at the end, the model and plots; rank 0 of the workers logs the
 per-step metrics into the same run.
 
 Default store: `mlflow.db` (sqlite) and `mlartifacts/` in the working
-directory; `tracking.uri` points at a server instead (needed on a cluster,
+directory (any sqlite store keeps its artifacts in `mlartifacts/` beside it); `tracking.uri` points at a server instead (needed on a cluster,
 where the workers cannot reach the driver's files).
 """
 
@@ -33,18 +33,23 @@ def tracking_uri(cfg: Config) -> str:
 
 def experiment_id(client, name: str) -> str:
     """The experiment's id, created if new (here, in the driver: workers cannot,
-    NOTES.md). With the local sqlite store, artifacts go to ./mlartifacts."""
+    NOTES.md). With a sqlite store, artifacts go to mlartifacts/ beside it."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    local = client.tracking_uri.startswith("sqlite:") and client.tracking_uri == default_tracking_uri()
-    return client.create_experiment(name, artifact_location=f"file://{os.path.abspath('mlartifacts')}" if local else None)
+    location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        location = f"file://{os.path.dirname(client.tracking_uri[len('sqlite:///'):])}/mlartifacts"
+    return client.create_experiment(name, artifact_location=location)
 
 
 class RunTracker:
     """The driver's side of one training run."""
 
-    def __init__(self, cfg: Config, run_dir: str):
+    def __init__(self, cfg: Config, run_dir: str, *, run_name: str | None = None,
+                 parent_run_id: str | None = None, params: dict | None = None):
+        """`parent_run_id` nests the run (a sweep's trial); `params` are logged
+        instead of the config's (a sweep's own settings)."""
         from mlflow.tracking import MlflowClient
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -52,11 +57,13 @@ class RunTracker:
         self.client = MlflowClient(self.uri)
         self.run_id = self._reopen()
         if self.run_id is None:
+            tags = {"make_dist.run_dir": run_dir}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id(self.client, cfg.tracking.experiment),
-                                         run_name=cfg.tracking.run_name or cfg.train.name,
-                                         tags={"make_dist.run_dir": run_dir})
+                                         run_name=run_name or cfg.tracking.run_name or cfg.train.name, tags=tags)
             self.run_id = run.info.run_id
-            self._log_config()
+            self._log_config(params)
             _write_text(f"{run_dir}/{RUN_ID_FILE}", self.run_id)
         else:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -72,12 +79,12 @@ class RunTracker:
             return None
         return run_id
 
-    def _log_config(self) -> None:
+    def _log_config(self, params: dict | None = None) -> None:
         import ray
         import torch
         from mlflow.entities import Param, RunTag
 
-        params = [Param(k, str(v)[:6000]) for k, v in self.cfg.flat().items()]
+        params = [Param(k, str(v)[:6000]) for k, v in (params if params is not None else self.cfg.flat()).items()]
         facts = {
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "host": platform.node(), "world_size": str(self.cfg.train.workers),
@@ -90,9 +97,18 @@ class RunTracker:
                 f.write(dump_config(self.cfg))
             self.client.log_artifact(self.run_id, path)
 
-    def finish(self, ok: bool) -> None:
+    def log_best(self, summary: dict) -> None:
+        """A sweep's best trial: its metric and parameters, on the parent run."""
+        from mlflow.entities import Metric, Param
+
+        value = summary.get("value")
+        metrics = [Metric(f"best/{summary['metric']}", float(value), int(time.time() * 1000), 0)] if value is not None else []
+        params = [Param(f"best.{k}", str(v)[:6000]) for k, v in summary["params"].items()]
+        self.client.log_batch(self.run_id, metrics=metrics, params=params)
+
+    def finish(self, ok: bool, artifacts: bool = True) -> None:
         """Model and plots as artifacts; the run's status."""
-        if ok:
+        if ok and artifacts:
             self._log_model()
             self._log_plots()
         self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")

@@ -1,0 +1,52 @@
+"""Sweep files: parsing, search spaces, trial configs (the real sweep runs in test_jobs.py)."""
+
+import pytest
+import yaml
+
+from make_dist.config import ConfigError
+from make_dist.sweep import load_sweep, search_space, trial_config
+
+
+def write(tmp_path, repo_root, **sweep):
+    sweep.setdefault("base", str(repo_root / "configs/tiny.yaml"))
+    sweep.setdefault("set", ["data.train_shards=x/manifest.json"])
+    sweep.setdefault("space", {"optim.lr": {"grid": [1e-4, 5e-4]}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_shipped_sweeps_load(repo_root):
+    ablation, base = load_sweep(repo_root / "configs/sweep_ablation.yaml")
+    rows = ablation.space["loss"]["grid"]
+    assert len(rows) == 5 and rows[0] == {"aspects": False, "subtexts": False, "slra": False, "dkw": False}
+    assert rows[-1] == {"aspects": True, "subtexts": True, "slra": True, "dkw": True}
+    assert ablation.metric == "eval/classify/top1" and base["evaluation"]["classify_table"]
+    lr, _ = load_sweep(repo_root / "configs/sweep_lr_lambda.yaml")
+    space = search_space(lr.space)
+    assert space["loss.lam"] == {"grid_search": [0.3, 0.7, 1.0]} and lr.scheduler == "asha"
+    assert 1e-4 <= space["optim.lr"].sample() <= 2e-3
+
+
+def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
+    _, base = load_sweep(write(tmp_path, repo_root))
+    cfg = trial_config(base, {"optim.lr": 3e-4, "loss": {"slra": False, "dkw": False}})
+    assert cfg.optim.lr == 3e-4 and cfg.loss.slra is False and cfg.loss.dkw is False and cfg.loss.subtexts is True
+    assert cfg.model.name == "make-tiny"  # the rest from the base
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"space": {}}, "space is empty"),
+    ({"space": {"optim.lr": [1, 2]}}, "space.optim.lr: expected one of choice, grid, uniform, loguniform"),
+    ({"space": {"optim.lr": {"loguniform": [0, 1]}}}, "0 < low < high"),
+    ({"space": {"optim.lrr": {"grid": [1e-4]}}}, "unknown key optim.lrr"),
+    ({"space": {"train.zero_stage": {"grid": [2, 7]}}}, "train.zero_stage = 7: must be 0, 1, 2 or 3"),
+    ({"space": {"lossy": {"grid": [{"slra": False}]}}}, "unknown section 'lossy'"),
+    ({"mode": "best"}, "sweep.mode = 'best': must be min or max"),
+    ({"metric": "eval/classify/top1"}, "evaluates no 'classify' table"),
+    ({"samples": "many"}, "sweep.samples = 'many': expected an integer"),
+    ({"scheduler_x": 1}, "unknown key sweep.scheduler_x"),
+])
+def test_bad_sweeps_name_the_key(tmp_path, repo_root, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write(tmp_path, repo_root, **change))
