@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, build_section, from_dict, load_config
+from .errors import UserError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 
@@ -144,10 +145,16 @@ def run_sweep(sweep: SweepConfig, base: dict) -> dict:
         )
     try:
         grid = tuner.fit()
-        best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode)
     except BaseException:
         parent.finish(ok=False, artifacts=False)
         raise
+    # An interrupted fit returns too; the state Tune saved tells what finished.
+    saved = tune.Tuner.restore(path, trainable=trainable).get_results()
+    if saved.num_terminated + saved.num_errors < len(saved):
+        parent.client.set_terminated(parent.run_id, status="KILLED")
+        raise UserError(f"sweep {sweep.name} was interrupted after {saved.num_terminated} of {len(saved)} "
+                        f"trials; run the same command again to resume it")
+    best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode)
     summary = {"metric": sweep.metric, "value": best.metrics.get(sweep.metric), "params": dict(best.config),
                "trials": len(grid), "errors": len(grid.errors)}
     parent.log_best(summary)

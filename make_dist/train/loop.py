@@ -217,6 +217,12 @@ def train_worker(loop_config: dict) -> None:
     if log is not None:
         log.facts(device_facts(w))
     step, nonfinite_run, last_eval = w.start_step, 0, {}
+    if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
+        if cfg.evaluation.tables():
+            last_eval = evaluate(w, step, loop_config)
+        report(w, {"step": step, **last_eval}, save=False)
+        export_final(w, loop_config["run_dir"])
+        return
     skipped = torch.zeros((), dtype=torch.long)
     wait_start = time.perf_counter()
     for batch in batches(w):
@@ -241,19 +247,11 @@ def train_worker(loop_config: dict) -> None:
         step += 1
         step_time = time.perf_counter() - step_start
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = {k: float(v) for k, v in result.items()}
-            metrics.update({
-                "lr": w.engine.get_lr()[0],
+            log_step(w, log, step, result, {
                 "samples_per_s": cfg.data.batch_size * w.world / max(step_time + data_wait, 1e-9),
                 "data_wait_s": data_wait,
                 "skipped_samples": _sum_over_ranks(skipped, w),
-                "nonfinite_steps": float(w.nonfinite_total),
             })
-            if log is not None:
-                log.log(step, metrics)
-                say(f"step {step}/{cfg.train.steps}  loss {metrics['loss/total']:.4f}  "
-                    f"mkcl {metrics['loss/mkcl']:.4f}  slra {metrics['loss/slra']:.4f}  "
-                    f"lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
         every = cfg.evaluation.every_steps
         evaluated = bool(cfg.evaluation.tables()) and ((every and step % every == 0) or step == cfg.train.steps)
         if evaluated:
@@ -265,6 +263,17 @@ def train_worker(loop_config: dict) -> None:
     if step < cfg.train.steps:
         raise RuntimeError(f"the data stream ended at step {step} of {cfg.train.steps}")
     export_final(w, loop_config["run_dir"])
+
+
+def log_step(w: Worker, log: StepLogger | None, step: int, result: dict, timing: dict) -> None:
+    """Rank 0: the step's metrics to MLflow and a progress line."""
+    if log is None:
+        return
+    metrics = {k: float(v) for k, v in result.items()}
+    metrics.update(timing, lr=w.engine.get_lr()[0], nonfinite_steps=float(w.nonfinite_total))
+    log.log(step, metrics)
+    say(f"step {step}/{w.cfg.train.steps}  loss {metrics['loss/total']:.4f}  mkcl {metrics['loss/mkcl']:.4f}  "
+        f"slra {metrics['loss/slra']:.4f}  lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
 
 
 def device_facts(w: Worker) -> dict[str, str]:
