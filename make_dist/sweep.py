@@ -113,7 +113,6 @@ def trial_config(base: dict, params: dict, source: str = "<trial>"):
 
 def run_sweep(sweep: SweepConfig, base: dict) -> dict:
     """Run (or resume) the sweep; returns the best trial's metric and parameters."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

@@ -5,7 +5,6 @@ on CPU tensors, at small sizes. Inputs are drawn fresh per case; outputs are
 poisoned with NaN before each launch to prove every element is written.
 """
 
-import itertools
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ nothing like the vectorised code it checks.
 
 from __future__ import annotations
 
-import math
 import os
 import itertools
 

@@ -19,7 +19,7 @@ from PIL import Image
 from make_dist.config import ModelConfig
 from make_dist.data.schema import Columns, Sample, load_columns
 from make_dist.data.shards import write_shards
-from make_dist.data.stream import SampleDecoder, StreamConfig, image_transform, make_loader, shard_urls
+from make_dist.data.stream import StreamConfig, make_loader, shard_urls
 from make_dist.model import tokenizer
 
 EXE = Path(sys.executable).parent / "make-dist"

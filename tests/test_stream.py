@@ -5,7 +5,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 from PIL import Image
 
 from make_dist.config import ModelConfig

@@ -54,6 +54,18 @@ def read_table(path: str) -> list[dict[str, Any]]:
     return frame.to_dict("records")
 
 
+def table_rows(table: str, columns: list[str]) -> list[dict[str, Any]]:
+    """The rows of a table that must not be empty and must have these columns."""
+    rows = read_table(table)
+    if not rows:
+        raise UserError(f"{table}: the table has no rows")
+    absent = [c for c in columns if c not in rows[0]]
+    if absent:
+        raise UserError(f"{table}: no column {', '.join(map(repr, absent))} "
+                        f"(the table has: {', '.join(rows[0])})")
+    return rows
+
+
 @dataclass
 class Prepared:
     """One row, ready to write (or the reason it cannot be)."""
@@ -123,13 +135,7 @@ def write_shards(table: str, out: str, columns: Columns, *, images_root: str | N
 
     if shard_size < 1:
         raise UserError("shards: --shard-size must be >= 1")
-    rows = read_table(table)
-    if not rows:
-        raise UserError(f"{table}: the table has no rows")
-    absent = [c for c in columns.used() if c not in rows[0]]
-    if absent:
-        raise UserError(f"{table}: no column {', '.join(map(repr, absent))} "
-                        f"(the table has: {', '.join(rows[0])})")
+    rows = table_rows(table, columns.used())
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(f"{root}/{PARTS}", exist_ok=True)
     n_shards = (len(rows) + shard_size - 1) // shard_size

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from ..data.shards import read_table, resolve
+from ..data.shards import resolve, table_rows
 from ..data.stream import image_transform
 from ..errors import UserError
 from . import metrics
@@ -138,7 +138,7 @@ def load_classes(path: str) -> dict[str, list[str]]:
 
 def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images_root: str | None = None,
              image_column: str = "image", label_column: str = "label", batch_size: int = 64) -> TaskResult:
-    rows = _rows(table, [image_column, label_column])
+    rows = table_rows(table, [image_column, label_column])
     names = list(classes)
     unknown = sorted({str(r[label_column]) for r in rows} - set(names))
     if unknown:
@@ -162,7 +162,7 @@ def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images
 
 def annotate_concepts(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
                       batch_size: int = 64) -> TaskResult:
-    rows = _rows(table, [image_column])
+    rows = table_rows(table, [image_column])
     concepts = [c for c in rows[0] if c != image_column]
     if not concepts:
         raise UserError(f"{table}: no concept columns beside {image_column!r}")
@@ -191,7 +191,7 @@ def annotate_concepts(model, tokenizer, table: str, images_root: str | None = No
 def retrieve(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
              caption_column: str = "caption", batch_size: int = 64) -> TaskResult:
     """Row i's image matches row i's caption; every pair of the table is in play."""
-    rows = _rows(table, [image_column, caption_column])
+    rows = table_rows(table, [image_column, caption_column])
     images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
     captions = encode_texts(model, tokenizer, [str(rows[i][caption_column]) for i in scored.tolist()])
     similarity = images @ captions.T
@@ -223,13 +223,3 @@ def run_task(task: str, model, tokenizer, table: str, images_root: str | None = 
 def _prompt_mean(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     """The template ensemble: mean of the normalised prompt embeddings, renormalised."""
     return torch.nn.functional.normalize(encode_texts(model, tokenizer, prompts).mean(0), dim=-1)
-
-
-def _rows(table: str, columns: list[str]) -> list[dict]:
-    rows = read_table(table)
-    if not rows:
-        raise UserError(f"{table}: the table has no rows")
-    absent = [c for c in columns if c not in rows[0]]
-    if absent:
-        raise UserError(f"{table}: no column {', '.join(map(repr, absent))} (the table has: {', '.join(rows[0])})")
-    return rows

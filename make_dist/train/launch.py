@@ -47,16 +47,19 @@ def check(cfg: Config) -> Config:
                                              "images_root") if getattr(ev, k)}))
     for key in ("classify_table", "classes", "concepts_table", "retrieval_table"):
         path = getattr(cfg.evaluation, key)
-        if path and not fsspec.core.url_to_fs(path)[0].exists(fsspec.core.url_to_fs(path)[1]):
+        if path and not _exists(path):
             raise UserError(f"evaluation.{key}: {path} does not exist")
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
-    if not urls[0].startswith("pipe:"):
-        fs, path = fsspec.core.url_to_fs(urls[0])
-        if not fs.exists(path):
-            raise UserError(f"data.train_shards: {urls[0]} does not exist")
+    if not urls[0].startswith("pipe:") and not _exists(urls[0]):
+        raise UserError(f"data.train_shards: {urls[0]} does not exist")
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
 
 
 def init_ray() -> None:
