@@ -20,6 +20,9 @@ import yaml
 from .errors import UserError
 
 
+TEXT_BATCHING = ("buckets", "longest", "full")
+
+
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and file."""
 
@@ -32,10 +35,32 @@ class ModelConfig:
     # An open_clip pretrained tag (e.g. "openai"; needs the internet) or a
     # local checkpoint file. None: random initialisation.
     pretrained: str | None = None
-    grad_checkpointing: bool = False
+    # Recompute activations in the backward to save memory: false, true (both
+    # towers), "image" or "text". Costs about a third more compute per tower:
+    # use it only where the batch does not fit without.
+    grad_checkpointing: bool | str = False
+    # How the valid text slots are batched through the text tower (SPEC 2's
+    # exactness rule: causal attention and EOT pooling make every choice give
+    # the same embeddings). "buckets": grouped by length, each group cut to its
+    # bucket's edge (a multiple of text_bucket); "longest": one group cut to the
+    # batch's longest text; "full": every slot, missing ones too, at the full
+    # context (the straightforward baseline).
+    text_batching: str = "buckets"
+    text_bucket: int = 16
+    # torch.compile each transformer block of both towers (compiled once,
+    # reused by every block of a tower).
+    compile: bool = False
 
     def validate(self) -> None:
         _require(bool(self.name), "name", "must not be empty")
+        _require(self.grad_checkpointing in (False, True, "image", "text"), "grad_checkpointing",
+                 "must be false, true, image or text")
+        _require(self.text_batching in TEXT_BATCHING, "text_batching", f"must be one of {list(TEXT_BATCHING)}")
+        _require(self.text_bucket >= 1, "text_bucket", "must be >= 1")
+
+    def checkpointed(self, tower: str) -> bool:
+        """Whether the tower ("image" or "text") recomputes its activations."""
+        return self.grad_checkpointing is True or self.grad_checkpointing == tower
 
 
 @dataclass
@@ -88,6 +113,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 1500  # then cosine decay to 0 at the last step
+    fused: bool | None = None  # torch's fused AdamW kernel; None: on GPU
 
     def validate(self) -> None:
         _require(self.lr > 0, "lr", "must be > 0")
@@ -227,6 +253,9 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] 
         except _Invalid as e:
             where_ = where(name, e.key)
             raise ConfigError(f"{where_}: {name}.{e.key} = {getattr(section, e.key)!r}: {e.why}") from None
+    if config.model.compile and config.train.zero_stage == 3:
+        raise ConfigError(f"{where('model', 'compile')}: model.compile = true does not work with "
+                          f"train.zero_stage = 3 (its parameter-gathering hooks); use stage 0, 1 or 2")
     return config
 
 

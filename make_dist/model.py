@@ -3,10 +3,11 @@
     images (B, 3, H, W)  -> image (B, D), patches (B, P, D)
     tokens (B, N, 77), mask (B, N) -> texts (B, N, D)
 
-Every output is L2-normalised. Only the valid text slots are encoded, with
-the context cut to the longest real token sequence among them: causal
-attention and EOT pooling make that identical to the full-length encoding.
-The logit scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim
+Every output is L2-normalised. Only the valid text slots are encoded, grouped
+by length, each group with its context cut to a bucket edge at or above its
+longest real token sequence: causal attention and EOT pooling make that
+identical to the full-length encoding (SPEC section 2), and a sample's short
+sentences no longer pay for the batch's longest caption. The logit scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim
 parameters), exponentiated and clamped at 100 in the forward.
 """
 
@@ -35,7 +36,7 @@ class ModelLoadError(UserError, RuntimeError):
 
 
 class MakeModel(nn.Module):
-    def __init__(self, clip: nn.Module, arch: dict):
+    def __init__(self, clip: nn.Module, arch: dict, text_batching: str = "buckets", text_bucket: int = 16):
         super().__init__()
         if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
             raise ModelLoadError(
@@ -46,6 +47,7 @@ class MakeModel(nn.Module):
             raise ModelLoadError("image towers with attentional pooling have no patch tokens to pool")
         self.clip = clip
         self.arch = arch  # open_clip model config, written out on export
+        self.text_batching, self.text_bucket = text_batching, text_bucket
         clip.visual.output_tokens = True
 
     # -- image -------------------------------------------------------------
@@ -61,17 +63,25 @@ class MakeModel(nn.Module):
 
     # -- texts -------------------------------------------------------------
 
-    def encode_texts(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Texts (B, N, D) from tokens (B, N, L); missing slots are zero vectors."""
+    def encode_texts(self, tokens: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Texts (B, N, D) from tokens (B, N, L); missing slots are zero vectors.
+
+        lengths: (B, N) real token counts, 0 where a slot is not encoded, on the
+        host. The trainer passes them from the batch before it moves to the GPU,
+        so grouping reads nothing back from the device; without them they are
+        counted here (one sync on a GPU).
+        """
         B, N, L = tokens.shape
         flat = tokens.reshape(B * N, L)
-        keep = mask.reshape(-1).nonzero().squeeze(1)
-        selected = flat.index_select(0, keep)
-        # One host sync per batch: the longest real sequence (pad id is 0).
-        length = max(int((selected != 0).sum(1).max()), 1) if keep.numel() else 1
-        encoded = self.encode_text(selected[:, :length])
-        out = encoded.new_zeros(B * N, encoded.shape[-1])
-        out = out.index_copy(0, keep, encoded)
+        if self.text_batching == "full":  # the baseline: every slot at the full context
+            return self.encode_text(flat).reshape(B, N, -1).masked_fill(~mask.bool()[..., None], 0.0)
+        if lengths is None:
+            lengths = ((tokens != 0).sum(-1) * mask).cpu()  # pad id is 0
+        groups = text_groups(lengths.reshape(-1), self.text_bucket if self.text_batching == "buckets" else None, L)
+        out = self.clip.token_embedding.weight.new_zeros(B * N, self.arch["embed_dim"])
+        for index, cut in groups:
+            index = index.to(tokens.device, non_blocking=True)
+            out = out.index_copy(0, index, self.encode_text(flat.index_select(0, index)[:, :cut]).to(out.dtype))
         return out.reshape(B, N, -1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,17 +106,26 @@ class MakeModel(nn.Module):
         the step would miss the fp32 master weights DeepSpeed keeps."""
         return self.clip.logit_scale.exp().clamp(max=MAX_SCALE)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         image, patches = self.encode_image(images)
         return {
             "image": image,
             "patches": patches,
-            "texts": self.encode_texts(tokens, mask),
+            "texts": self.encode_texts(tokens, mask, lengths),
             "scale": self.scale(),
         }
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.clip.set_grad_checkpointing(enable)
+    def set_grad_checkpointing(self, image: bool = True, text: bool | None = None) -> None:
+        """Recompute the activations of the image tower, the text tower or both."""
+        self.clip.visual.set_grad_checkpointing(image)
+        self.clip.transformer.grad_checkpointing = image if text is None else text
+
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block in place. The blocks of a tower
+        share their code, so each tower compiles once (per text length bucket)."""
+        for block in [*self.clip.visual.transformer.resblocks, *self.clip.transformer.resblocks]:
+            block.compile()
 
     @property
     def image_size(self) -> int:
@@ -116,6 +135,39 @@ class MakeModel(nn.Module):
     @property
     def context_length(self) -> int:
         return self.clip.context_length
+
+
+    # -- FLOPs, for model FLOPs utilisation ----------------------------------
+
+    def train_flops(self, images: int, text_lengths: torch.Tensor) -> float:
+        """Model FLOPs of one training step (forward + backward = 3 forwards) on
+        `images` images and texts of these real token counts (0: not encoded).
+
+        Counts the matrix products (projections, MLPs, attention scores and
+        values, patch embedding); norms, activations and the loss (under 1 %
+        at one rank) are left out. Padding and recomputation are not model
+        FLOPs: every way of running the step is scored against the same work.
+        """
+        visual, text = self.clip.visual, self.clip.transformer
+        D = self.arch["embed_dim"]
+        seq = visual.positional_embedding.shape[0]  # patches + class token
+        patches = seq - 1
+        image = (_tower_flops(visual.transformer, torch.tensor([seq]))
+                 + 2 * patches * visual.conv1.weight.numel() + 2 * seq * visual.transformer.width * D)
+        lengths = text_lengths[text_lengths > 0]
+        texts = _tower_flops(text, lengths) + 2 * lengths.numel() * text.width * D
+        return 3 * (images * image + texts)
+
+
+def _tower_flops(transformer, lengths: torch.Tensor) -> float:
+    """Forward FLOPs of a transformer on sequences of these lengths: 2 per
+    weight per token in the blocks' matrices, and 4 * length * width per
+    token for attention (scores, then values)."""
+    block = transformer.resblocks[0]
+    per_token = 2 * sum(p.numel() for p in block.parameters() if p.ndim == 2)
+    lengths = lengths.double()
+    per_layer = per_token * lengths.sum() + 4 * transformer.width * (lengths**2).sum()
+    return float(len(transformer.resblocks) * per_layer)
 
 
 # ---------------------------------------------------------------------------
@@ -167,9 +219,29 @@ def build_model(cfg: ModelConfig) -> MakeModel:
                 f"and set model.pretrained to the local file's path."
             ) from None
         raise
-    model = MakeModel(clip, dict(arch))
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model = MakeModel(clip, dict(arch), cfg.text_batching, cfg.text_bucket)
+    model.set_grad_checkpointing(cfg.checkpointed("image"), cfg.checkpointed("text"))
+    if cfg.compile:
+        model.compile_blocks()
     return model
+
+
+def text_groups(lengths: torch.Tensor, bucket: int | None, context: int) -> list[tuple[torch.Tensor, int]]:
+    """(indices, cut) of the texts to encode, grouped by the context each is cut to.
+
+    lengths: (M,) real token counts, 0 for texts to skip. bucket None: one group
+    cut to the longest. Otherwise each text goes to the group of the smallest
+    multiple of `bucket` (at most `context`) that holds it; fixed edges keep the
+    shapes few, which torch.compile needs.
+    """
+    keep = lengths.nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return []
+    kept = lengths[keep]
+    if bucket is None:
+        return [(keep, int(kept.max()))]
+    cut = ((kept + bucket - 1) // bucket * bucket).clamp(max=context)
+    return [(keep[cut == c], int(c)) for c in cut.unique().tolist()]
 
 
 def tokenizer(cfg: ModelConfig):

@@ -48,6 +48,9 @@ def test_round_trip_through_yaml(tmp_path):
         ("loss: [1, 2]\n", r"section 'loss' must be a mapping"),
         ("- a\n", r"top level must be a mapping"),
         ("loss: {lam: 0.5\n", r"not valid YAML"),
+        ("model:\n  grad_checkpointing: vision\n", r"model\.grad_checkpointing = 'vision': must be false, true, image"),
+        ("model:\n  text_batching: packed\n", r"model\.text_batching = 'packed': must be one of"),
+        ("model:\n  compile: true\ntrain:\n  zero_stage: 3\n", r"c\.yaml: model\.compile = true does not work with"),
     ],
 )
 def test_bad_files_name_key_and_file(tmp_path, text, message):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from make_dist.config import ModelConfig
-from make_dist.model import MAX_SCALE, ModelLoadError, build_model, export_open_clip, tokenizer
+from make_dist.model import MAX_SCALE, ModelLoadError, build_model, export_open_clip, text_groups, tokenizer
 
 TINY = ModelConfig(name="make-tiny")
 
@@ -69,6 +69,85 @@ def test_cut_context_and_skipped_slots_equal_full_encoding(model, batch):
     full = F.normalize(model.clip.encode_text(tokens.reshape(-1, tokens.shape[-1])), dim=-1).reshape(fast.shape)
     assert torch.allclose(fast[mask], full[mask], atol=1e-5)
     assert (tokens[mask] != 0).sum(-1).max() < 40  # the cut really was a cut
+
+
+@pytest.mark.parametrize("batching", ["buckets", "longest", "full"])
+def test_every_text_batching_equals_open_clips_full_encoding(batching, batch):
+    """The three ways of batching the texts (SPEC section 2's exactness rule),
+    with the lengths counted here or handed in from the host."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="make-tiny", text_batching=batching, text_bucket=8)).eval()
+    images, tokens, mask = batch
+    full = F.normalize(model.clip.encode_text(tokens.reshape(-1, tokens.shape[-1])), dim=-1).reshape(3, 5, -1)
+    lengths = (tokens != 0).sum(-1) * mask
+    for texts in (model.encode_texts(tokens, mask), model.encode_texts(tokens, mask, lengths)):
+        assert torch.allclose(texts[mask], full[mask], atol=1e-5)
+        assert torch.equal(texts[~mask], torch.zeros_like(texts[~mask]))
+
+
+def test_text_groups_cut_each_text_to_its_bucket():
+    lengths = torch.tensor([0, 5, 16, 17, 40, 77, 3, 0])
+    groups = {cut: index.tolist() for index, cut in text_groups(lengths, 16, 77)}
+    assert groups == {16: [1, 2, 6], 32: [3], 48: [4], 77: [5]}  # the last edge is the context
+    assert [(i.tolist(), c) for i, c in text_groups(lengths, None, 77)] == [([1, 2, 3, 4, 5, 6], 77)]
+    assert text_groups(torch.zeros(4, dtype=torch.long), 16, 77) == []
+
+
+def test_train_flops_match_the_counted_forward(batch):
+    """Model FLOPs (3 forwards) against torch's FLOP counter on the forward,
+    attention through its plain matmul path so that the counter sees it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(TINY).train()
+    images, tokens, mask = batch
+    lengths = (tokens != 0).sum(-1) * mask
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images, tokens, mask, lengths)
+    cut = [c for index, c in text_groups(lengths.flatten(), model.text_bucket, 77) for _ in index]
+    assert 3 * counter.get_total_flops() == pytest.approx(model.train_flops(3, torch.tensor(cut)), rel=1e-9)
+
+
+def test_checkpointing_one_tower_keeps_gradients(batch):
+    images, tokens, mask = batch
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="make-tiny", grad_checkpointing=checkpointing)).train()
+        out = model(images, tokens, mask)
+        (out["image"].sum() + out["patches"].pow(2).sum() + out["texts"].pow(3).sum()).backward()
+        flags = (model.clip.visual.transformer.grad_checkpointing, model.clip.transformer.grad_checkpointing)
+        return flags, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    flags, plain = grads(False)
+    assert flags == (False, False)
+    for setting, want in (("image", (True, False)), ("text", (False, True)), (True, (True, True))):
+        flags, got = grads(setting)
+        assert flags == want
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, got))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(batch):
+    """model.compile: torch.compile (inductor, on the CPU here) of every block,
+    same outputs and gradients, same state dict."""
+    images, tokens, mask = batch
+
+    def run(compile_):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="make-tiny", compile=compile_)).train()
+        out = model(images, tokens, mask)
+        (out["image"].sum() + out["patches"].pow(2).sum() + out["texts"].pow(3).sum()).backward()
+        return model, out
+
+    eager, want = run(False)
+    compiled, got = run(True)
+    assert list(eager.state_dict()) == list(compiled.state_dict())
+    for key in ("image", "patches", "texts"):
+        assert torch.allclose(want[key], got[key], atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
 def test_gradients_flow_through_fast_path(model, batch):

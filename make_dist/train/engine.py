@@ -69,7 +69,8 @@ def build_engine(model: MakeModel, cfg: Config, world: int):
 
     if cfg.train.zero_stage == 3:
         register_zero3_externals(model)
-    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.train.steps, fused=cfg.train.use_gpu)
+    fused = cfg.train.use_gpu if cfg.optim.fused is None else cfg.optim.fused
+    optimizer, schedule = build_optimizer(model, cfg.optim, cfg.train.steps, fused=fused)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=deepspeed_config(cfg, world))
     return engine

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from ..data.stream import StreamConfig, make_loader, shard_urls
 from ..model import MakeModel, build_model, export_open_clip, tokenizer
 from ..objective import make_loss, slots_read
 from . import engine as ds
+from .prefetch import prefetch
 from .tracking import StepLogger
 
 LOSS_KEYS = ("total", "mkcl", "i2t", "t2i", "slra")
@@ -120,21 +122,32 @@ def batches(w: Worker):
                                "or samples for data.batch_size on every rank")
 
 
+def step_inputs(w: Worker, batch: dict) -> dict:
+    """The host batch as the step reads it: the mask narrowed to the slots the
+    loss reads under its switches (the CLIP baseline encodes the caption
+    alone), and every encoded text's real length, which groups the texts by
+    length without reading anything back from the device."""
+    mask = batch["mask"] & slots_read(batch["mask"].shape[1], **w.cfg.loss.switches())
+    return {**batch, "mask": mask, "lengths": (batch["tokens"] != 0).sum(-1) * mask}
+
+
+def device_batches(w: Worker, host_batches) -> Iterator[dict]:
+    """The step's inputs on the device, the next batch copied during this step."""
+    dtype = next(w.engine.module.parameters()).dtype
+    return prefetch((step_inputs(w, b) for b in host_batches), w.device, dtype)
+
+
 def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:
-    """One optimiser step; None when the loss was not finite (step skipped).
+    """One optimiser step on a batch from `device_batches`; None when the loss
+    was not finite (step skipped).
 
     The loss is the global batch's on every rank (make_loss all-reduces it),
     so every rank takes the same decision and the collectives stay in step.
     """
-    cfg, engine, switches = w.cfg, w.engine, w.cfg.loss.switches()
-    dtype = next(engine.module.parameters()).dtype
-    # Encode only the slots the loss reads under its switches (CLIP: the caption).
-    mask = batch["mask"] & slots_read(batch["mask"].shape[1], **switches)
-    mask = mask.to(w.device, non_blocking=True)
-    out = engine(batch["image"].to(w.device, dtype, non_blocking=True),
-                 batch["tokens"].to(w.device, non_blocking=True), mask)
-    terms = make_loss(out["image"], out["patches"], out["texts"], mask, out["scale"], lam=cfg.loss.lam,
-                      sigma=cfg.loss.sigma, backend=cfg.loss.backend, **switches)
+    cfg, engine = w.cfg, w.engine
+    out = engine(batch["image"], batch["tokens"], batch["mask"], batch["lengths"])
+    terms = make_loss(out["image"], out["patches"], out["texts"], batch["mask"], out["scale"], lam=cfg.loss.lam,
+                      sigma=cfg.loss.sigma, backend=cfg.loss.backend, **cfg.loss.switches())
     if not torch.isfinite(terms["total"]).item():
         return None
     engine.backward(terms["total"])
@@ -225,7 +238,7 @@ def train_worker(loop_config: dict) -> None:
         return
     skipped = torch.zeros((), dtype=torch.long)
     wait_start = time.perf_counter()
-    for batch in batches(w):
+    for batch in device_batches(w, batches(w)):
         if step >= cfg.train.steps:
             break
         data_wait = time.perf_counter() - wait_start

@@ -1,0 +1,366 @@
+"""The full training step on one GPU: make-dist's step against the straightforward one.
+
+GPU host (torch and triton are there; the rest travels as wheels built here
+with `../shared/device/build-wheels.sh .whl`, carried as `.whl`):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 bench/step.py --out $OUT
+
+CPU smoke run of the same code (tiny model, a few steps, kernels interpreted):
+
+    TRITON_INTERPRET=1 .venv/bin/python bench/step.py --small
+
+1. Data: a synthetic set (SPEC's N = K + 3 = 11 slots, the generator's mix of
+   missing aspect texts, 1-8 sentences and caption lengths) written as
+   WebDataset shards, read through the trainer's own loader into pinned host
+   memory (--batches batches of each size, cycled).
+2. Every variant builds the trainer's engine from configs/paper.yaml (the
+   paper's ViT-B/16 QuickGELU + text transformer, DeepSpeed ZeRO-2, bf16) with
+   a few keys changed, from the same seed, and runs the trainer's own step
+   (`train_step` on `device_batches`, as `make-dist train` does): --warmup
+   steps, then --steps timed ones. Reported: samples/s, peak GPU memory
+   (allocated), model FLOPs utilisation (make_dist.model's `train_flops` of
+   the batches over the card's peak bf16 rate), and the loss of the first
+   step, taken by every variant on the same batch from the same weights: a
+   lever that changed the objective would show there.
+3. --loader (the default on a GPU): the loader alone on the host's cores,
+   then make-dist's step fed by it live.
+Results go to OUT/step.md (a table, rewritten after every variant, so a run
+cut short keeps what it measured) and OUT/step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from make_dist.config import load_config  # noqa: E402
+from make_dist.data.schema import load_columns  # noqa: E402
+from make_dist.data.shards import write_shards  # noqa: E402
+from make_dist.data.stream import StreamConfig, make_loader, shard_urls  # noqa: E402
+from make_dist.data.synth import synthesize  # noqa: E402
+from make_dist.model import build_model, tokenizer  # noqa: E402
+from make_dist.train import engine as ds  # noqa: E402
+from make_dist.train.loop import Worker, batches, device_batches, step_inputs, train_step  # noqa: E402
+from make_dist.train.prefetch import to_device  # noqa: E402
+
+# Peak dense bf16 tensor-core rates (vendor figures), for MFU; matched in order.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)]
+
+# The straightforward correct step (../shared/NOTES.md's reference): every slot
+# encoded at the full context, the dense loss, checkpointing, AdamW unfused.
+BASELINE = {"model.text_batching": "full", "loss.backend": "torch", "model.grad_checkpointing": True,
+            "optim.fused": False}
+
+
+@dataclass
+class Variant:
+    name: str
+    batch: int
+    sets: dict = field(default_factory=dict)  # config keys changed from make-dist's defaults
+    math_attention: bool = False  # SDPA without flash / memory-efficient kernels
+    prefetch: bool = True
+    loader: bool = False  # fed live by the loader instead of batches in memory
+
+
+def variants(batch: int, large: int) -> list[Variant]:
+    return [
+        Variant("baseline: full texts, dense loss, checkpointing, unfused AdamW", batch, BASELINE),
+        Variant("make-dist", batch),
+        Variant("make-dist - text buckets (one cut to the longest)", batch, {"model.text_batching": "longest"}),
+        Variant("make-dist - Triton loss (dense torch)", batch, {"loss.backend": "torch"}),
+        Variant("make-dist - fused AdamW", batch, {"optim.fused": False}),
+        Variant("make-dist - prefetch", batch, prefetch=False),
+        Variant("make-dist - flash attention (math SDPA)", batch, math_attention=True),
+        Variant("make-dist + checkpointing", batch, {"model.grad_checkpointing": True}),
+        Variant("make-dist, ZeRO-1", batch, {"train.zero_stage": 1}),
+        Variant("make-dist + compile", batch, {"model.compile": True}),
+        Variant(f"make-dist, batch {large}", large),
+        Variant(f"make-dist, batch {large}, text checkpointing", large, {"model.grad_checkpointing": "text"}),
+        Variant(f"make-dist, batch {large}, image checkpointing", large, {"model.grad_checkpointing": "image"}),
+        Variant(f"make-dist, batch {large}, checkpointing", large, {"model.grad_checkpointing": True}),
+        Variant(f"make-dist + compile, batch {large}, checkpointing", large,
+                {"model.grad_checkpointing": True, "model.compile": True}),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Set-up
+
+
+def init_process_group(use_gpu: bool) -> None:
+    """A one-rank process group, as Ray Train would set it up."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
+        os.environ.setdefault(key, value)
+    ds.init_distributed(use_gpu)
+
+
+def base_config(args, work: Path):
+    sets = [f"model.name={args.model}", "model.pretrained=null", "model.grad_checkpointing=false",
+            "train.workers=1", f"train.use_gpu={str(args.gpu).lower()}", f"train.precision={args.precision}",
+            "train.steps=100000", "optim.warmup_steps=10", f"data.train_shards={work}/shards/manifest.json",
+            f"data.num_workers={args.loader_workers}"]
+    return sets
+
+
+def make_data(args, work: Path) -> str:
+    if not (work / "shards/manifest.json").exists():
+        t = time.perf_counter()
+        synthesize(work / "synth", n=args.samples, n_eval=1, size=args.image_side, seed=0, progress=False)
+        write_shards(str(work / "synth/train.csv"), str(work / "shards"),
+                     load_columns(ROOT / "configs/columns/synthetic.yaml"), images_root=str(work / "synth"),
+                     shard_size=256, progress=False)
+        say(f"data: {args.samples} synthetic samples at {args.image_side} px in shards ({time.perf_counter() - t:.0f} s)")
+    return str(work / "shards/manifest.json")
+
+
+def loader(cfg, model, manifest: str, batch_size: int, n: int, workers: int, seed: int):
+    """The trainer's loader (augmented, tokenised) over the shards: n batches per worker."""
+    visual = model.clip.visual
+    stream = StreamConfig(urls=shard_urls(manifest), batch_size=batch_size, image_size=model.image_size,
+                          k=cfg.data.subtexts, resampled=True, batches_per_worker=n, num_workers=workers, seed=seed)
+    return make_loader(stream, tokenizer(cfg.model), getattr(visual, "image_mean", None),
+                       getattr(visual, "image_std", None))
+
+
+def memory_batches(cfg, model, manifest: str, batch_size: int, n: int, workers: int) -> list[dict]:
+    """n batches from the loader, held in (pinned) host memory."""
+    out = list(itertools.islice(loader(cfg, model, manifest, batch_size, n, workers, seed=1), n))
+    if torch.cuda.is_available():
+        out = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in out]
+    return out
+
+
+def loader_rate(cfg, model, manifest: str, batch_size: int, workers: int, n_batches: int) -> float:
+    """Samples/s of the loader alone, once every worker has started."""
+    batches_ = iter(loader(cfg, model, manifest, batch_size, n_batches, workers, seed=2))
+    for _ in range(workers):  # every worker started, each with its first batch made
+        next(batches_)
+    start, n = time.perf_counter(), 0
+    for b in batches_:
+        n += len(b["keys"])
+    return n / (time.perf_counter() - start)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# One variant
+
+
+def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[dict]]) -> dict:
+    cfg = load_config(ROOT / "configs/paper.yaml", sets + [f"data.batch_size={v.batch}"] +
+                      [f"{k}={json.dumps(x) if isinstance(x, bool) else x}" for k, x in v.sets.items()])
+    device = torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # the same initial weights in every variant
+    model = build_model(cfg.model)
+    engine = ds.build_engine(model, cfg, world=1)
+    w = Worker(cfg, 0, 1, device, engine, model, 0, 0)
+    dtype = next(engine.module.parameters()).dtype
+
+    host = batches(w) if v.loader else itertools.cycle(data[v.batch])
+    if v.prefetch:
+        stream = device_batches(w, host)
+    else:  # copied on the compute stream when the step starts
+        stream = (to_device(step_inputs(w, b), device, dtype) for b in host)
+    first = data[v.batch][0]
+    flops = sum(model.train_flops(v.batch, step_inputs(w, b)["lengths"]) for b in data[v.batch]) / len(data[v.batch])
+
+    with math_attention() if v.math_attention else contextlib.nullcontext():
+        synchronize(args)
+        losses, t_first = [], time.perf_counter()
+        warmup = args.warmup + (3 if cfg.model.compile else 0)  # compiling for each text bucket's shapes
+        for i in range(warmup):
+            result = train_step(w, next(stream))
+            losses.append(float(result["loss/total"]) if result is not None else float("nan"))
+        if args.gpu:
+            torch.cuda.reset_peak_memory_stats()
+        synchronize(args)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            train_step(w, next(stream))
+        synchronize(args)
+        elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.gpu else float("nan")
+    rate = v.batch * args.steps / elapsed
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else device_peak(args)
+    result = {
+        "variant": v.name, "batch": v.batch, "samples_per_s": rate, "step_s": elapsed / args.steps,
+        "peak_gib": peak, "mfu": flops * rate / v.batch / peak_flops if peak_flops else float("nan"),
+        "first_loss": losses[0] if losses and not v.loader else float("nan"), "warmup_s": start - t_first,
+        "first_batch_texts": int(step_inputs(w, first)["mask"].sum()),
+    }
+    del engine, model, w, stream, host
+    gc.collect()
+    if args.gpu:
+        torch.cuda.empty_cache()
+    return result
+
+
+def math_attention():
+    """SDPA limited to its plain matmul path (no flash, no memory-efficient kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def synchronize(args) -> None:
+    if args.gpu:
+        torch.cuda.synchronize()
+
+
+def device_peak(args) -> float | None:
+    if not args.gpu:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((rate for key, rate in PEAK_BF16 if key in name), None)
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def write_report(out: Path, results: list[dict], facts: dict) -> None:
+    base = next((r for r in results if r["variant"].startswith("baseline") and "samples_per_s" in r), None)
+    lines = [f"# bench/step.py, {facts['date']}", "",
+             f"card: {facts['device']}; torch {facts['torch']}, triton {facts['triton']}, deepspeed "
+             f"{facts['deepspeed']}; model {facts['model']}, {facts['precision']}; {facts['steps']} timed steps "
+             f"after {facts['warmup']} warm-up; command: `{facts['command']}`", "",
+             "| variant | batch | samples/s | vs baseline | peak GiB | MFU | first loss | Δ loss vs baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} | | | | | |")
+            continue
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
+        same = base and r["batch"] == base["batch"] and r["first_loss"] == r["first_loss"]  # not NaN
+        delta = f"{r['first_loss'] - base['first_loss']:+.4f}" if same else ""
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['samples_per_s']:.1f} | {ratio} | {_num(r['peak_gib'], '.1f')} | "
+                     f"{_num(r['mfu'], '.1%')} | {_num(r['first_loss'], '.4f')} | {delta} |")
+    for key in ("loader", "notes"):
+        if facts.get(key):
+            lines += ["", *facts[key]]
+    tmp = out / ".step.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "step.md")
+    (out / ".step.json.tmp").write_text(json.dumps({"facts": facts, "results": results}, indent=1))
+    os.replace(out / ".step.json.tmp", out / "step.json")
+
+
+def _num(x: float, spec: str) -> str:
+    return "-" if x != x else format(x, spec)  # NaN: not measured here
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="folder for step.md and step.json (default: print only)")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, tiny batches, 2 variants")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--large", type=int, default=2048, help="the paper's batch, on the one card")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", type=int, default=3, help="distinct batches of each size in memory")
+    p.add_argument("--only", default=None, help="comma-separated variant numbers (1-based) to run")
+    p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure the loader and the step fed by it (default: on a GPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the card's peak bf16 rate, for MFU")
+    p.add_argument("--work", default=None, help="data folder (default: a temporary one)")
+    args = p.parse_args()
+
+    args.gpu = torch.cuda.is_available() and not args.small
+    if args.small:
+        args.model, args.precision, args.image_side, args.samples = "make-tiny", "fp32", 64, 64
+        args.batch, args.large, args.steps, args.warmup, args.batches = 8, 16, 1, 1, 2
+    else:
+        args.model, args.precision, args.image_side, args.samples = "ViT-B-16-quickgelu", "bf16", 320, 2048
+    if not args.gpu and not args.small:
+        sys.exit("bench/step.py: no GPU here; --small runs the CPU smoke version")
+    cores = os.cpu_count() or 1
+    args.loader_workers = max(1, min(cores - 2, 16)) if not args.small else 1
+    loader = args.gpu if args.loader is None else args.loader
+
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-step-"))
+    init_process_group(args.gpu)
+    manifest = make_data(args, work)
+    sets = base_config(args, work)
+    cfg = load_config(ROOT / "configs/paper.yaml", sets)
+
+    chosen = variants(args.batch, args.large)
+    if args.only:
+        chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
+    elif args.small:
+        chosen = [chosen[0], chosen[1], chosen[10]]
+    if loader:
+        chosen.append(Variant("make-dist fed live by the loader", args.batch, loader=True))
+    t = time.perf_counter()
+    model = build_model(cfg.model)  # its image size, normalisation and tokenizer, for the loader
+    data = {b: memory_batches(cfg, model, manifest, b, args.batches, args.loader_workers)
+            for b in sorted({v.batch for v in chosen})}
+    say(f"batches in memory: {', '.join(f'{len(v)} x {b}' for b, v in data.items())} "
+        f"({time.perf_counter() - t:.0f} s)")
+
+    import deepspeed
+    import triton
+
+    facts = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+             "torch": torch.__version__, "triton": triton.__version__, "deepspeed": deepspeed.__version__,
+             "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+             "command": " ".join(["python", *sys.argv]), "cores": cores}
+    host_only = Worker(cfg, 0, 1, torch.device("cpu"), None, model, 0, 0)  # enough for step_inputs
+    texts = [step_inputs(host_only, b) for b in data[min(data)]]
+    lengths = torch.cat([t["lengths"][t["mask"]] for t in texts]).float()
+    facts["notes"] = [f"texts per sample {sum(int(t['mask'].sum()) for t in texts) / sum(len(t['keys']) for t in texts):.2f} "
+                      f"(of 11 slots); real tokens per text mean {lengths.mean():.1f}, max {lengths.max():.0f}"]
+    results = []
+    if loader:
+        rate = loader_rate(cfg, model, manifest, args.batch, args.loader_workers, n_batches=4)
+        facts["loader"] = [f"loader alone: {rate:.0f} samples/s with {args.loader_workers} workers on "
+                           f"{cores} cores ({rate / args.loader_workers:.0f} per worker), batch {args.batch}"]
+        say(facts["loader"][0])
+    for i, v in enumerate(chosen, 1):
+        say(f"[{i}/{len(chosen)}] {v.name} (batch {v.batch}) ...")
+        try:
+            r = run_variant(v, args, sets, data)
+            say(f"    {r['samples_per_s']:.1f} samples/s, peak {_num(r['peak_gib'], '.1f')} GiB, "
+                f"MFU {_num(r['mfu'], '.1%')}, first loss {_num(r['first_loss'], '.4f')} (warm-up {r['warmup_s']:.0f} s)")
+        except torch.OutOfMemoryError:
+            r = {"variant": v.name, "batch": v.batch, "error": "out of memory"}
+            say("    out of memory")
+            gc.collect()
+            torch.cuda.empty_cache()
+        results.append(r)
+        if out:
+            write_report(out, results, facts)
+    if out:
+        say((out / "step.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
