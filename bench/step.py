@@ -138,11 +138,9 @@ def make_data(args, work: Path) -> str:
 
 def loader(cfg, model, manifest: str, batch_size: int, n: int, workers: int, seed: int):
     """The trainer's loader (augmented, tokenised) over the shards: n batches per worker."""
-    visual = model.clip.visual
     stream = StreamConfig(urls=shard_urls(manifest), batch_size=batch_size, image_size=model.image_size,
                           k=cfg.data.subtexts, resampled=True, batches_per_worker=n, num_workers=workers, seed=seed)
-    return make_loader(stream, tokenizer(cfg.model), getattr(visual, "image_mean", None),
-                       getattr(visual, "image_std", None))
+    return make_loader(stream, tokenizer(cfg.model))
 
 
 def memory_batches(cfg, model, manifest: str, batch_size: int, n: int, workers: int) -> list[dict]:
@@ -180,13 +178,12 @@ def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[dict]]) 
     model = build_model(cfg.model)
     engine = ds.build_engine(model, cfg, world=1)
     w = Worker(cfg, 0, 1, device, engine, model, 0, 0)
-    dtype = next(engine.module.parameters()).dtype
 
     host = batches(w) if v.loader else itertools.cycle(data[v.batch])
     if v.prefetch:
         stream = device_batches(w, host)
     else:  # copied on the compute stream when the step starts
-        stream = (to_device(step_inputs(w, b), device, dtype) for b in host)
+        stream = (to_device(step_inputs(w, b), device) for b in host)
     first = data[v.batch][0]
     flops = sum(model.train_flops(v.batch, step_inputs(w, b)["lengths"]) for b in data[v.batch]) / len(data[v.batch])
 
@@ -279,11 +276,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="folder for step.md and step.json (default: print only)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, tiny batches, 2 variants")
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--large", type=int, default=2048, help="the paper's batch, on the one card")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batches", type=int, default=3, help="distinct batches of each size in memory")
+    p.add_argument("--model", default=None, help="architecture (default: the paper's; --small: make-tiny)")
+    p.add_argument("--batch", type=int, default=None, help="default 512 (--small: 8)")
+    p.add_argument("--large", type=int, default=None, help="the paper's batch on the one card: 2048 (--small: 16)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps: 10 (--small: 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first: 3 (--small: 1)")
+    p.add_argument("--batches", type=int, default=None, help="distinct batches of each size in memory: 3 (--small: 2)")
+    p.add_argument("--image-side", type=int, default=None, help="side of the synthetic images: 320 (--small: 64)")
     p.add_argument("--only", default=None, help="comma-separated variant numbers (1-based) to run")
     p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure the loader and the step fed by it (default: on a GPU)")
@@ -292,13 +291,16 @@ def main() -> None:
     args = p.parse_args()
 
     args.gpu = torch.cuda.is_available() and not args.small
-    if args.small:
-        args.model, args.precision, args.image_side, args.samples = "make-tiny", "fp32", 64, 64
-        args.batch, args.large, args.steps, args.warmup, args.batches = 8, 16, 1, 1, 2
-    else:
-        args.model, args.precision, args.image_side, args.samples = "ViT-B-16-quickgelu", "bf16", 320, 2048
     if not args.gpu and not args.small:
-        sys.exit("bench/step.py: no GPU here; --small runs the CPU smoke version")
+        sys.exit("bench/step.py: no GPU here; --small runs it on the CPU (tiny model by default)")
+    defaults = (dict(model="make-tiny", batch=8, large=16, steps=1, warmup=1, batches=2, image_side=64) if args.small
+                else dict(model="ViT-B-16-quickgelu", batch=512, large=2048, steps=10, warmup=3, batches=3,
+                          image_side=320))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.precision = "bf16" if args.gpu else "fp32"
+    args.samples = 2048 if args.gpu else 64
     cores = os.cpu_count() or 1
     args.loader_workers = max(1, min(cores - 2, 16)) if not args.small else 1
     loader = args.gpu if args.loader is None else args.loader

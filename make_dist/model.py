@@ -48,13 +48,32 @@ class MakeModel(nn.Module):
         self.clip = clip
         self.arch = arch  # open_clip model config, written out on export
         self.text_batching, self.text_bucket = text_batching, text_bucket
+        self._image_stats: dict[torch.device, list[torch.Tensor]] = {}  # mean, std in float32 (not parameters)
         clip.visual.output_tokens = True
 
     # -- image -------------------------------------------------------------
 
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled embedding v (B, D) and projected patch tokens p (B, P, D)."""
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> the tower's input: scaled to [0, 1] and
+        normalised with its mean and std in float32 (as ToTensor + Normalize
+        would on the host), then cast to the tower's dtype."""
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
         visual = self.clip.visual
+        if images.device not in self._image_stats:  # made once per device: no copy each step
+            stats = [getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN,
+                     getattr(visual, "image_std", None) or OPENAI_DATASET_STD]
+            self._image_stats[images.device] = [torch.tensor(x, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+                                                for x in stats]
+        mean, std = self._image_stats[images.device]
+        return ((images.float() / 255 - mean) / std).to(visual.conv1.weight.dtype)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled embedding v (B, D) and projected patch tokens p (B, P, D) of
+        uint8 images (normalised here) or already normalised float ones."""
+        visual = self.clip.visual
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
         pooled, tokens = visual(images)
         if visual.final_ln_after_pool:  # tokens left un-normed by that variant
             tokens = visual.ln_post(tokens)

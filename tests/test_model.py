@@ -53,6 +53,20 @@ def test_image_embedding_is_open_clips(model, batch):
     assert torch.allclose(model(images, batch[1], batch[2])["image"], F.normalize(pooled, dim=-1), atol=1e-6)
 
 
+def test_uint8_images_are_normalised_as_on_the_host(model):
+    """The loader sends uint8; the model's scaling and normalisation equal
+    torchvision's ToTensor + Normalize with the tower's statistics."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision import transforms as T
+
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)
+    host = torch.stack([T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)(T.ToTensor()(T.ToPILImage()(x)))
+                        for x in images])
+    assert torch.equal(model.normalize(images), host)
+    assert torch.equal(model.encode_image(images)[0], model.encode_image(host)[0])
+
+
 def test_patches_are_the_final_normed_tokens_projected(model, batch):
     images = batch[0]
     visual = model.clip.visual

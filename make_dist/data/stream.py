@@ -1,6 +1,6 @@
 """Streaming: WebDataset shards from any fsspec URL -> batches on every rank.
 
-    batch = {"image": (B, 3, H, W) float, "tokens": (B, N, 77) int64,
+    batch = {"image": (B, 3, H, W) uint8, "tokens": (B, N, 77) int64,
              "mask": (B, N) bool, "keys": [B str], "skipped": () int64}
 
 Two modes:
@@ -86,25 +86,24 @@ def open_shards(sources, handler):
 # Samples
 
 
-def image_transform(size: int, train: bool, mean=None, std=None):
-    """SPEC section 6 augmentation for training; resize + centre crop for evaluation."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+def image_transform(size: int, train: bool):
+    """SPEC section 6 augmentation for training; resize + centre crop for
+    evaluation. Gives uint8 (3, size, size): the model scales and normalises
+    on its device (`MakeModel.normalize`), so a batch crosses to the GPU at a
+    quarter of the float size."""
     from torchvision import transforms as T
 
-    normalize = T.Normalize(mean or OPENAI_DATASET_MEAN, std or OPENAI_DATASET_STD)
     if train:
         return T.Compose([
             T.RandomResizedCrop(size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomApply([T.ColorJitter(0.32, 0.32, 0.32, 0.08)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.ToTensor(),
-            normalize,
+            T.PILToTensor(),
         ])
     return T.Compose([
         T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(size),
-        T.ToTensor(),
-        normalize,
+        T.PILToTensor(),
     ])
 
 
@@ -214,14 +213,14 @@ def rank_and_world(rank: int | None = None, world: int | None = None) -> tuple[i
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_dataset(cfg: StreamConfig, tokenizer, mean=None, std=None):
+def build_dataset(cfg: StreamConfig, tokenizer):
     """The webdataset pipeline of one rank (iterable of batches)."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     rank, world = rank_and_world(cfg.rank, cfg.world)
     skips = SkipCounter()
-    decoder = SampleDecoder(tokenizer, image_transform(cfg.image_size, cfg.train, mean, std), cfg.image_size, cfg.k)
+    decoder = SampleDecoder(tokenizer, image_transform(cfg.image_size, cfg.train), cfg.image_size, cfg.k)
 
     if cfg.resampled:
         def worker_seed():  # distinct per (rank, loader worker), the same on every run
@@ -252,12 +251,13 @@ def build_dataset(cfg: StreamConfig, tokenizer, mean=None, std=None):
     return dataset
 
 
-def make_loader(cfg: StreamConfig, tokenizer, mean=None, std=None) -> torch.utils.data.DataLoader:
+def make_loader(cfg: StreamConfig, tokenizer) -> torch.utils.data.DataLoader:
     """Batches of one rank. Resampled: batches_per_worker * max(1, num_workers) per epoch."""
-    dataset = build_dataset(cfg, tokenizer, mean, std)
+    dataset = build_dataset(cfg, tokenizer)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0 and cfg.resampled,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        # batches held ahead per worker: fewer of the big ones (shared memory)
+        prefetch_factor=(4 if cfg.batch_size < 256 else 2) if cfg.num_workers > 0 else None,
     )

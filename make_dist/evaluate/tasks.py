@@ -73,18 +73,16 @@ def _collate(items):
 @torch.no_grad()
 def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0):
     """(embeddings (M, D) of the readable images, their row indices, skipped records)."""
-    visual = model.clip.visual
-    transform = image_transform(model.image_size, train=False, mean=getattr(visual, "image_mean", None),
-                                std=getattr(visual, "image_std", None))
+    transform = image_transform(model.image_size, train=False)
     loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
-    device, dtype = _device_dtype(model)
+    device, _ = _device_dtype(model)
     embeddings, rows, skipped = [], [], []
     for items in loader:
         good = [(i, x) for i, x, reason in items if reason is None]
         skipped += [{"row": i, "image": paths[i], "reason": reason} for i, _, reason in items if reason]
         if good:
-            batch = torch.stack([x for _, x in good]).to(device, dtype)
+            batch = torch.stack([x for _, x in good]).to(device)  # uint8: the model normalises
             embeddings.append(model.encode_image(batch)[0].float())
             rows += [i for i, _ in good]
     if not embeddings:

@@ -103,14 +103,13 @@ def batches(w: Worker):
         seed=cfg.train.seed * 100_003 + w.start_step,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
-    visual = w.model.clip.visual
-    tok, mean, std = tokenizer(cfg.model), getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+    tok = tokenizer(cfg.model)
     if cfg.data.resampled:
-        yield from make_loader(stream, tok, mean, std)
+        yield from make_loader(stream, tok)
         return
     while True:
         produced = 0
-        epoch = iter(make_loader(stream, tok, mean, std))
+        epoch = iter(make_loader(stream, tok))
         while True:
             batch = next(epoch, None)
             if not _all_ranks(batch is not None, w):
@@ -133,8 +132,7 @@ def step_inputs(w: Worker, batch: dict) -> dict:
 
 def device_batches(w: Worker, host_batches) -> Iterator[dict]:
     """The step's inputs on the device, the next batch copied during this step."""
-    dtype = next(w.engine.module.parameters()).dtype
-    return prefetch((step_inputs(w, b) for b in host_batches), w.device, dtype)
+    return prefetch((step_inputs(w, b) for b in host_batches), w.device)
 
 
 def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:

@@ -15,26 +15,23 @@ import torch
 DEVICE_KEYS = ("image", "tokens", "mask")  # the rest (lengths, keys, counts) stays on the host
 
 
-def to_device(batch: dict, device: torch.device, image_dtype: torch.dtype) -> dict:
-    """The batch with its model inputs on `device`, images in `image_dtype`
-    (cast there: the host sends the loader's tensor as it is)."""
-    moved = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS}
-    moved["image"] = moved["image"].to(image_dtype)
-    return {**batch, **moved}
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its model inputs (uint8 images, tokens, mask) on `device`."""
+    return {**batch, **{k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS}}
 
 
-def prefetch(batches: Iterable[dict], device: torch.device, image_dtype: torch.dtype) -> Iterator[dict]:
+def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
     """Yield each batch on the device; on CUDA the next one is already on its way."""
     if device.type != "cuda":
         for batch in batches:
-            yield to_device(batch, device, image_dtype)
+            yield to_device(batch, device)
         return
     stream = torch.cuda.Stream(device)
     compute = torch.cuda.current_stream(device)
 
     def start(batch):
         with torch.cuda.stream(stream):
-            return to_device(batch, device, image_dtype)
+            return to_device(batch, device)
 
     source = iter(batches)
     ahead = next(source, None)
