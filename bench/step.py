@@ -1,11 +1,14 @@
 """The full training step on one GPU: make-dist's step against the straightforward one.
 
 GPU host (torch and triton are there; the rest travels as wheels built here
-with `../shared/device/build-wheels.sh .whl`, carried as `.whl`):
+with `../shared/device/build-wheels.sh .whl`, carried as `.whl`); bench/gpu.sh
+does this and bench/kernels.py in one call:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     python3 bench/step.py --out $OUT
+
+FLOP counts per sample on any machine: `.venv/bin/python bench/step.py --flops`.
 
 CPU smoke run of the same code (tiny model, a few steps, kernels interpreted):
 
@@ -41,11 +44,14 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The repository root first, and this folder off the path: bench/kernels.py
+# would otherwise shadow the top-level `kernels` package (the Triton kernels).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import torch  # noqa: E402
 
@@ -79,7 +85,9 @@ class Variant:
     loader: bool = False  # fed live by the loader instead of batches in memory
 
 
-def variants(batch: int, large: int) -> list[Variant]:
+def variants(batch: int, large: int, loader: bool) -> list[Variant]:
+    """In the order they run: the slow-to-start compiled ones last, so that a
+    run cut short loses the fewest rows."""
     return [
         Variant("baseline: full texts, dense loss, checkpointing, unfused AdamW", batch, BASELINE),
         Variant("make-dist", batch),
@@ -90,11 +98,12 @@ def variants(batch: int, large: int) -> list[Variant]:
         Variant("make-dist - flash attention (math SDPA)", batch, math_attention=True),
         Variant("make-dist + checkpointing", batch, {"model.grad_checkpointing": True}),
         Variant("make-dist, ZeRO-1", batch, {"train.zero_stage": 1}),
-        Variant("make-dist + compile", batch, {"model.compile": True}),
         Variant(f"make-dist, batch {large}", large),
         Variant(f"make-dist, batch {large}, text checkpointing", large, {"model.grad_checkpointing": "text"}),
         Variant(f"make-dist, batch {large}, image checkpointing", large, {"model.grad_checkpointing": "image"}),
         Variant(f"make-dist, batch {large}, checkpointing", large, {"model.grad_checkpointing": True}),
+        *([Variant("make-dist fed live by the loader", batch, loader=True)] if loader else []),
+        Variant("make-dist + compile", batch, {"model.compile": True}),
         Variant(f"make-dist + compile, batch {large}, checkpointing", large,
                 {"model.grad_checkpointing": True, "model.compile": True}),
     ]
@@ -184,7 +193,6 @@ def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[dict]]) 
         stream = device_batches(w, host)
     else:  # copied on the compute stream when the step starts
         stream = (to_device(step_inputs(w, b), device) for b in host)
-    first = data[v.batch][0]
     flops = sum(model.train_flops(v.batch, step_inputs(w, b)["lengths"]) for b in data[v.batch]) / len(data[v.batch])
 
     with math_attention() if v.math_attention else contextlib.nullcontext():
@@ -209,7 +217,6 @@ def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[dict]]) 
         "variant": v.name, "batch": v.batch, "samples_per_s": rate, "step_s": elapsed / args.steps,
         "peak_gib": peak, "mfu": flops * rate / v.batch / peak_flops if peak_flops else float("nan"),
         "first_loss": losses[0] if losses and not v.loader else float("nan"), "warmup_s": start - t_first,
-        "first_batch_texts": int(step_inputs(w, first)["mask"].sum()),
     }
     del engine, model, w, stream, host
     gc.collect()
@@ -247,6 +254,9 @@ def write_report(out: Path, results: list[dict], facts: dict) -> None:
              f"card: {facts['device']}; torch {facts['torch']}, triton {facts['triton']}, deepspeed "
              f"{facts['deepspeed']}; model {facts['model']}, {facts['precision']}; {facts['steps']} timed steps "
              f"after {facts['warmup']} warm-up; command: `{facts['command']}`", "",
+             "Peak: the most GPU memory allocated during the timed steps (an H100 80GB holds about 78 GiB). "
+             "MFU: model FLOPs (texts at their real lengths, make_dist.model.train_flops) over the card's peak "
+             "dense bf16 rate.", "",
              "| variant | batch | samples/s | vs baseline | peak GiB | MFU | first loss | Δ loss vs baseline |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -268,6 +278,41 @@ def write_report(out: Path, results: list[dict], facts: dict) -> None:
     os.replace(out / ".step.json.tmp", out / "step.json")
 
 
+def flop_table(model, cfg, batches: list[dict], rate: float, peak: float) -> list[str]:
+    """Per-sample FLOPs of a step (3 forwards) on these batches: the model FLOPs
+    (texts at their real lengths), and what each text batching computes with
+    its padding. Needs no GPU."""
+    w = Worker(cfg, 0, 1, torch.device("cpu"), None, model, 0, 0)
+    n = sum(len(b["keys"]) for b in batches)
+    image = model.train_flops(n, torch.zeros(1)) / n
+
+    def texts(cut) -> float:
+        return sum(model.train_flops(0, cut(step_inputs(w, b))) for b in batches) / n
+
+    context = model.context_length
+    real = texts(lambda x: x["lengths"])
+    padded = {
+        "full (every slot at 77 tokens)": texts(lambda x: torch.full(x["mask"].shape, context)),
+        "longest (valid texts cut to the batch's longest)": texts(
+            lambda x: x["mask"] * int(x["lengths"].max())),
+    }
+    for bucket in (32, 16, 8):
+        padded[f"buckets (valid texts cut to multiples of {bucket})"] = texts(
+            lambda x, bucket=bucket: ((x["lengths"] + bucket - 1) // bucket * bucket).clamp(max=context) * x["mask"])
+    lines = [f"FLOPs per sample of a training step (forward + backward), batch {len(batches[0]['keys'])}, "
+             f"{len(batches)} batches:", "",
+             "| text batching | image tower GFLOP | text tower GFLOP | step GFLOP | vs model FLOPs |",
+             "|---|---|---|---|---|",
+             f"| model FLOPs (texts at their real lengths) | {image / 1e9:.1f} | {real / 1e9:.1f} | "
+             f"{(image + real) / 1e9:.1f} | 1.00x |"]
+    for name, text in padded.items():
+        lines.append(f"| {name} | {image / 1e9:.1f} | {text / 1e9:.1f} | {(image + text) / 1e9:.1f} | "
+                     f"{(image + text) / (image + real):.2f}x |")
+    lines += ["", f"{rate:.0f} samples/s is {rate * (image + real) / 1e12:.0f} TFLOP/s of model FLOPs, "
+              f"{rate * (image + real) / peak:.1%} MFU at {peak / 1e12:.0f} TFLOP/s peak bf16"]
+    return lines
+
+
 def _num(x: float, spec: str) -> str:
     return "-" if x != x else format(x, spec)  # NaN: not measured here
 
@@ -283,6 +328,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first: 3 (--small: 1)")
     p.add_argument("--batches", type=int, default=None, help="distinct batches of each size in memory: 3 (--small: 2)")
     p.add_argument("--image-side", type=int, default=None, help="side of the synthetic images: 320 (--small: 64)")
+    p.add_argument("--flops", action="store_true",
+                   help="only count FLOPs per sample on the data (any machine; ViT-B/16 by default, even on a CPU)")
     p.add_argument("--only", default=None, help="comma-separated variant numbers (1-based) to run")
     p.add_argument("--loader", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure the loader and the step fed by it (default: on a GPU)")
@@ -291,16 +338,19 @@ def main() -> None:
     args = p.parse_args()
 
     args.gpu = torch.cuda.is_available() and not args.small
-    if not args.gpu and not args.small:
+    if not args.gpu and not args.small and not args.flops:
         sys.exit("bench/step.py: no GPU here; --small runs it on the CPU (tiny model by default)")
-    defaults = (dict(model="make-tiny", batch=8, large=16, steps=1, warmup=1, batches=2, image_side=64) if args.small
-                else dict(model="ViT-B-16-quickgelu", batch=512, large=2048, steps=10, warmup=3, batches=3,
-                          image_side=320))
+    if args.flops:  # lengths are all it reads: small images, the paper's model
+        defaults = dict(model="ViT-B-16-quickgelu", batch=512, batches=2, image_side=64, samples=1024)
+    elif args.small:
+        defaults = dict(model="make-tiny", batch=8, large=16, steps=1, warmup=1, batches=2, image_side=64, samples=64)
+    else:
+        defaults = dict(model="ViT-B-16-quickgelu", batch=512, large=2048, steps=10, warmup=3, batches=3,
+                        image_side=320, samples=2048)
     for key, value in defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.precision = "bf16" if args.gpu else "fp32"
-    args.samples = 2048 if args.gpu else 64
     cores = os.cpu_count() or 1
     args.loader_workers = max(1, min(cores - 2, 16)) if not args.small else 1
     loader = args.gpu if args.loader is None else args.loader
@@ -314,13 +364,17 @@ def main() -> None:
     sets = base_config(args, work)
     cfg = load_config(ROOT / "configs/paper.yaml", sets)
 
-    chosen = variants(args.batch, args.large)
+    if args.flops:  # count only: the FLOP table of --batches batches
+        model = build_model(cfg.model)
+        data = memory_batches(cfg, model, manifest, args.batch, args.batches, args.loader_workers)
+        say("\n".join(flop_table(model, cfg, data, rate=1500, peak=args.peak_tflops * 1e12 if args.peak_tflops
+                                  else 989e12)))
+        return
+    chosen = variants(args.batch, args.large, loader)
     if args.only:
         chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
-    elif args.small:
-        chosen = [chosen[0], chosen[1], chosen[10]]
-    if loader:
-        chosen.append(Variant("make-dist fed live by the loader", args.batch, loader=True))
+    elif args.small:  # baseline, make-dist, the large batch (and the loader)
+        chosen = [v for i, v in enumerate(chosen) if i in (0, 1, 9) or v.loader]
     t = time.perf_counter()
     model = build_model(cfg.model)  # its image size, normalisation and tokenizer, for the loader
     data = {b: memory_batches(cfg, model, manifest, b, args.batches, args.loader_workers)
@@ -355,7 +409,11 @@ def main() -> None:
         except torch.OutOfMemoryError:
             r = {"variant": v.name, "batch": v.batch, "error": "out of memory"}
             say("    out of memory")
-            gc.collect()
+        except Exception as e:  # one broken lever must not cost the other measurements
+            traceback.print_exc()
+            r = {"variant": v.name, "batch": v.batch, "error": f"failed: {type(e).__name__}: {str(e)[:160]}"}
+        gc.collect()  # after the except block, which held the failed variant's frames
+        if args.gpu:
             torch.cuda.empty_cache()
         results.append(r)
         if out:

@@ -169,13 +169,17 @@ class MakeModel(nn.Module):
         """
         visual, text = self.clip.visual, self.clip.transformer
         D = self.arch["embed_dim"]
-        seq = visual.positional_embedding.shape[0]  # patches + class token
-        patches = seq - 1
+        patches = visual.grid_size[0] * visual.grid_size[1]
+        seq = patches + 1  # and the class token
         image = (_tower_flops(visual.transformer, torch.tensor([seq]))
-                 + 2 * patches * visual.conv1.weight.numel() + 2 * seq * visual.transformer.width * D)
+                 + 2 * patches * _numel(visual.conv1.weight) + 2 * seq * visual.transformer.width * D)
         lengths = text_lengths[text_lengths > 0]
         texts = _tower_flops(text, lengths) + 2 * lengths.numel() * text.width * D
         return 3 * (images * image + texts)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 shard knows its full size
 
 
 def _tower_flops(transformer, lengths: torch.Tensor) -> float:
@@ -183,7 +187,7 @@ def _tower_flops(transformer, lengths: torch.Tensor) -> float:
     weight per token in the blocks' matrices, and 4 * length * width per
     token for attention (scores, then values)."""
     block = transformer.resblocks[0]
-    per_token = 2 * sum(p.numel() for p in block.parameters() if p.ndim == 2)
+    per_token = 2 * sum(_numel(p) for p in block.parameters() if p.ndim == 2)
     lengths = lengths.double()
     per_layer = per_token * lengths.sum() + 4 * transformer.width * (lengths**2).sum()
     return float(len(transformer.resblocks) * per_layer)

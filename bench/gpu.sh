@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks and times, in one device call (about 8-9
+# minutes on an H100, start and install not counted):
+#
+#   here, once:  bash ../shared/device/build-wheels.sh .whl     (.whl/ is git-ignored)
+#   device:      run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
+#
+# 1. bench/kernels.py: the Triton kernels' correctness at real size, their time
+#    and memory against the dense loss (OUT/kernels.md);
+# 2. bench/step.py: the whole training step, baseline and every lever, batch
+#    2048, the loader (OUT/step.md, OUT/step.json; rewritten after each variant).
+# Logs of both land in OUT too, so a run cut short still says how far it got.
+set -uo pipefail
+out=${OUT:-/tmp/bench-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || { echo "install of .whl failed: carry .whl built by build-wheels.sh"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+echo "cores: $(nproc)" | tee -a "$out/gpu.txt"
+timeout 120 python3 bench/kernels.py --out "$out/kernels.md" 2>&1 | tee "$out/kernels.log"
+timeout "${STEP_TIMEOUT:-420}" python3 bench/step.py --out "$out" 2>&1 | tee "$out/step.log"
