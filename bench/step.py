@@ -266,7 +266,7 @@ def write_report(out: Path, results: list[dict], facts: dict) -> None:
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
         same = base and r["batch"] == base["batch"] and r["first_loss"] == r["first_loss"]  # not NaN
         delta = f"{r['first_loss'] - base['first_loss']:+.4f}" if same else ""
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['samples_per_s']:.1f} | {ratio} | {_num(r['peak_gib'], '.1f')} | "
+        lines.append(f"| {r['variant']} | {r['batch']} | {_num(r['samples_per_s'], '.1f' if r['samples_per_s'] >= 10 else '.3f')} | {ratio} | {_num(r['peak_gib'], '.1f')} | "
                      f"{_num(r['mfu'], '.1%')} | {_num(r['first_loss'], '.4f')} | {delta} |")
     for key in ("loader", "notes"):
         if facts.get(key):

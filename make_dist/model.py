@@ -7,8 +7,11 @@ Every output is L2-normalised. Only the valid text slots are encoded, grouped
 by length, each group with its context cut to a bucket edge at or above its
 longest real token sequence: causal attention and EOT pooling make that
 identical to the full-length encoding (SPEC section 2), and a sample's short
-sentences no longer pay for the batch's longest caption. The logit scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim
-parameters), exponentiated and clamped at 100 in the forward.
+sentences no longer pay for the batch's longest caption. Images come as
+uint8 (the loader's) and are normalised here, on the device. The logit
+scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim parameters),
+exponentiated and clamped at 100 in the forward. `train_flops` counts a
+step's model FLOPs, for MFU.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ class MakeModel(nn.Module):
         if images.device not in self._image_stats:  # made once per device: no copy each step
             stats = [getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN,
                      getattr(visual, "image_std", None) or OPENAI_DATASET_STD]
-            self._image_stats[images.device] = [torch.tensor(x, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-                                                for x in stats]
+            self._image_stats[images.device] = [
+                torch.tensor(x, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) for x in stats]
         mean, std = self._image_stats[images.device]
         return ((images.float() / 255 - mean) / std).to(visual.conv1.weight.dtype)
 
@@ -154,7 +157,6 @@ class MakeModel(nn.Module):
     @property
     def context_length(self) -> int:
         return self.clip.context_length
-
 
     # -- FLOPs, for model FLOPs utilisation ----------------------------------
 

@@ -122,14 +122,19 @@ def test_train_flops_match_the_counted_forward(batch):
     assert 3 * counter.get_total_flops() == pytest.approx(model.train_flops(3, torch.tensor(cut)), rel=1e-9)
 
 
-def test_checkpointing_one_tower_keeps_gradients(batch):
+def trained_once(batch, **model_config):
+    """A tiny model from seed 0 after one backward of a loss on all outputs."""
     images, tokens, mask = batch
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="make-tiny", **model_config)).train()
+    out = model(images, tokens, mask)
+    (out["image"].sum() + out["patches"].pow(2).sum() + out["texts"].pow(3).sum()).backward()
+    return model, out
 
+
+def test_checkpointing_one_tower_keeps_gradients(batch):
     def grads(checkpointing):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(name="make-tiny", grad_checkpointing=checkpointing)).train()
-        out = model(images, tokens, mask)
-        (out["image"].sum() + out["patches"].pow(2).sum() + out["texts"].pow(3).sum()).backward()
+        model, _ = trained_once(batch, grad_checkpointing=checkpointing)
         flags = (model.clip.visual.transformer.grad_checkpointing, model.clip.transformer.grad_checkpointing)
         return flags, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -145,17 +150,8 @@ def test_checkpointing_one_tower_keeps_gradients(batch):
 def test_compiled_blocks_match_eager(batch):
     """model.compile: torch.compile (inductor, on the CPU here) of every block,
     same outputs and gradients, same state dict."""
-    images, tokens, mask = batch
-
-    def run(compile_):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(name="make-tiny", compile=compile_)).train()
-        out = model(images, tokens, mask)
-        (out["image"].sum() + out["patches"].pow(2).sum() + out["texts"].pow(3).sum()).backward()
-        return model, out
-
-    eager, want = run(False)
-    compiled, got = run(True)
+    eager, want = trained_once(batch, compile=False)
+    compiled, got = trained_once(batch, compile=True)
     assert list(eager.state_dict()) == list(compiled.state_dict())
     for key in ("image", "patches", "texts"):
         assert torch.allclose(want[key], got[key], atol=1e-5)
