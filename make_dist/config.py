@@ -44,7 +44,8 @@ class ModelConfig:
     # the same embeddings). "buckets": grouped by length, each group cut to its
     # bucket's edge (a multiple of text_bucket); "longest": one group cut to the
     # batch's longest text; "full": every slot, missing ones too, at the full
-    # context (the straightforward baseline).
+    # context (the straightforward baseline). Under ZeRO-3, buckets become
+    # "longest": every rank must run the same passes (train/engine.py).
     text_batching: str = "buckets"
     text_bucket: int = 16
     # torch.compile each transformer block of both towers (compiled once,

@@ -107,6 +107,16 @@ def test_zero_stages_train(tmp_path, shards, repo_root, ray_local, stage):
     assert all(v.numel() > 0 for v in weights.values())  # ZeRO-3 shards were gathered for the export
 
 
+def test_zero3_runs_the_same_text_passes_on_every_rank():
+    """Length buckets differ between ranks; ZeRO-3's forward collectives need
+    the same passes everywhere (a mismatch hung a 2-worker run here)."""
+    from make_dist.train.engine import text_batching
+
+    for stage, want in ((0, "buckets"), (2, "buckets"), (3, "longest")):
+        assert text_batching(load_config(None, [f"train.zero_stage={stage}"])) == want
+    assert text_batching(load_config(None, ["train.zero_stage=3", "model.text_batching=full"])) == "full"
+
+
 def test_evaluation_during_training_is_logged(tmp_path, shards, repo_root, ray_local):
     from make_dist.train.launch import fit
 

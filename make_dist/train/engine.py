@@ -63,10 +63,21 @@ def register_zero3_externals(model: MakeModel) -> None:
             deepspeed.zero.register_external_parameter(model, param)
 
 
+def text_batching(cfg: Config) -> str:
+    """model.text_batching, except under ZeRO-3: a block's forward gathers its
+    parameters there (a collective), so every rank must run the same passes of
+    the text tower, and length buckets differ from rank to rank. One pass cut
+    to the batch's longest text keeps them in step."""
+    if cfg.train.zero_stage == 3 and cfg.model.text_batching == "buckets":
+        return "longest"
+    return cfg.model.text_batching
+
+
 def build_engine(model: MakeModel, cfg: Config, world: int):
     """The DeepSpeed engine around the model, optimiser and schedule."""
     import deepspeed
 
+    model.text_batching = text_batching(cfg)
     if cfg.train.zero_stage == 3:
         register_zero3_externals(model)
     fused = cfg.train.use_gpu if cfg.optim.fused is None else cfg.optim.fused
