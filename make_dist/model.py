@@ -98,7 +98,7 @@ class MakeModel(nn.Module):
         if self.text_batching == "full":  # the baseline: every slot at the full context
             return self.encode_text(flat).reshape(B, N, -1).masked_fill(~mask.bool()[..., None], 0.0)
         if lengths is None:
-            lengths = ((tokens != 0).sum(-1) * mask).cpu()  # pad id is 0
+            lengths = (token_lengths(tokens) * mask).cpu()
         groups = text_groups(lengths.reshape(-1), self.text_bucket if self.text_batching == "buckets" else None, L)
         out = self.clip.token_embedding.weight.new_zeros(B * N, self.arch["embed_dim"])
         for index, cut in groups:
@@ -249,6 +249,14 @@ def build_model(cfg: ModelConfig) -> MakeModel:
     if cfg.compile:
         model.compile_blocks()
     return model
+
+
+def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """The real length of each row of tokens (..., L): up to its last non-pad
+    token. Pad id is 0, but so is a token of CLIP's vocabulary ("!" inside a
+    word): counting non-zero tokens could cut a text before its end token."""
+    positions = torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)
+    return ((tokens != 0) * positions).amax(-1)
 
 
 def text_groups(lengths: torch.Tensor, bucket: int | None, context: int) -> list[tuple[torch.Tensor, int]]:

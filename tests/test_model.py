@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from make_dist.config import ModelConfig
-from make_dist.model import MAX_SCALE, ModelLoadError, build_model, export_open_clip, text_groups, tokenizer
+from make_dist.model import (MAX_SCALE, ModelLoadError, build_model, export_open_clip, text_groups, token_lengths,
+                             tokenizer)
 
 TINY = ModelConfig(name="make-tiny")
 
@@ -97,6 +98,21 @@ def test_every_text_batching_equals_open_clips_full_encoding(batching, batch):
     for texts in (model.encode_texts(tokens, mask), model.encode_texts(tokens, mask, lengths)):
         assert torch.allclose(texts[mask], full[mask], atol=1e-5)
         assert torch.equal(texts[~mask], torch.zeros_like(texts[~mask]))
+
+
+def test_a_zero_token_inside_a_text_does_not_cut_it_short():
+    """Token 0 pads, but is also "!" inside a word in CLIP's vocabulary: the
+    length runs to the last non-pad token, and the bucketed encoding of such
+    a text, 17 tokens long, still equals the full one."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="make-tiny", text_bucket=16)).eval()
+    tokens = tokenizer(TINY)(["a red scaly plaque on the left elbow with crusts and itching"])
+    assert int(token_lengths(tokens)) == 17
+    tokens[0, 5] = 0  # a zero inside the text; counting non-zeros would say 16 and cut the end token off
+    assert int(token_lengths(tokens)) == 17
+    tokens, mask = tokens.reshape(1, 1, -1), torch.ones(1, 1, dtype=torch.bool)
+    full = F.normalize(model.clip.encode_text(tokens[0]), dim=-1)
+    assert torch.allclose(model.encode_texts(tokens, mask)[0], full, atol=1e-5)
 
 
 def test_text_groups_cut_each_text_to_its_bucket():

@@ -22,7 +22,7 @@ import torch
 
 from ..config import Config, from_dict
 from ..data.stream import StreamConfig, make_loader, shard_urls
-from ..model import MakeModel, build_model, export_open_clip, tokenizer
+from ..model import MakeModel, build_model, export_open_clip, token_lengths, tokenizer
 from ..objective import make_loss, slots_read
 from . import engine as ds
 from .prefetch import prefetch
@@ -127,7 +127,7 @@ def step_inputs(w: Worker, batch: dict) -> dict:
     alone), and every encoded text's real length, which groups the texts by
     length without reading anything back from the device."""
     mask = batch["mask"] & slots_read(batch["mask"].shape[1], **w.cfg.loss.switches())
-    return {**batch, "mask": mask, "lengths": (batch["tokens"] != 0).sum(-1) * mask}
+    return {**batch, "mask": mask, "lengths": token_lengths(batch["tokens"]) * mask}
 
 
 def device_batches(w: Worker, host_batches) -> Iterator[dict]:
