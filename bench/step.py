@@ -126,12 +126,12 @@ def init_process_group(use_gpu: bool) -> None:
     ds.init_distributed(use_gpu)
 
 
-def base_config(args, work: Path):
-    sets = [f"model.name={args.model}", "model.pretrained=null", "model.grad_checkpointing=false",
+def base_config(args, manifest: str) -> list[str]:
+    """The --set overrides of configs/paper.yaml that every variant shares."""
+    return [f"model.name={args.model}", "model.pretrained=null", "model.grad_checkpointing=false",
             "train.workers=1", f"train.use_gpu={str(args.gpu).lower()}", f"train.precision={args.precision}",
-            "train.steps=100000", "optim.warmup_steps=10", f"data.train_shards={work}/shards/manifest.json",
+            "train.steps=100000", "optim.warmup_steps=10", f"data.train_shards={manifest}",
             f"data.num_workers={args.loader_workers}"]
-    return sets
 
 
 def make_data(args, work: Path) -> str:
@@ -153,8 +153,11 @@ def loader(cfg, model, manifest: str, batch_size: int, n: int, workers: int, see
 
 
 def memory_batches(cfg, model, manifest: str, batch_size: int, n: int, workers: int) -> list[dict]:
-    """n batches from the loader, held in (pinned) host memory."""
-    out = list(itertools.islice(loader(cfg, model, manifest, batch_size, n, workers, seed=1), n))
+    """n batches from the loader, held in (pinned) host memory. No more workers
+    than batches, each making only its share: nothing is made to be dropped."""
+    workers = min(workers, n)
+    per_worker = -(-n // workers)
+    out = list(itertools.islice(loader(cfg, model, manifest, batch_size, per_worker, workers, seed=1), n))
     if torch.cuda.is_available():
         out = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in out]
     return out
@@ -361,7 +364,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-step-"))
     init_process_group(args.gpu)
     manifest = make_data(args, work)
-    sets = base_config(args, work)
+    sets = base_config(args, manifest)
     cfg = load_config(ROOT / "configs/paper.yaml", sets)
 
     if args.flops:  # count only: the FLOP table of --batches batches
