@@ -81,7 +81,7 @@ def loss_and_grads(ops, pb: Problem, dtype, backward=True):
         images=cat(image, pb.other_images),
         texts=cat(texts.flatten(0, 1), pb.other_texts),
         text_valid=torch.cat([mask.reshape(-1), pb.other_valid]),
-        knowledge=cat(knowledge.to(dtype), pb.other_knowledge),
+        knowledge=cat(knowledge, pb.other_knowledge),  # float32, as make_loss keeps it
     )
     numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
     loss = (numerators / torch.stack([w_mkcl.sum(), w_mkcl.sum(), w_slra.sum()])).sum()

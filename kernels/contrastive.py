@@ -11,7 +11,16 @@ gradients. Nothing of size rows x columns is ever stored: extra memory is the
 
 Products accumulate in float32: bf16 inputs go through the tensor cores with
 float32 accumulation; float32 inputs use exact float32 products (not TF32),
-since scale (up to 100) magnifies any error in a logit.
+since scale (up to 100) magnifies any error in a logit. Rows and columns of
+different types are both taken in the wider one (bf16 subtexts against the
+float32 knowledge embeddings multiply in float32), so a column enters the
+log-sum-exp with the very value the caller's positive logit reads.
+
+Under Triton's interpreter (CI, no GPU) the bf16 code runs as it would on a
+GPU, every cast and store included; only the product itself is taken on
+float32 copies of the bf16 operands, because the interpreter's bf16 tl.dot
+returns garbage (triton 3.8). That is what a tensor core computes: the
+product of two bf16 numbers is exact in float32.
 """
 
 from __future__ import annotations
@@ -26,11 +35,19 @@ BLOCK_R, BLOCK_C = 32, 32  # tl.dot needs each dimension >= 16
 
 
 @triton.jit
-def _logits(x, c, IEEE: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b in float32. IEEE: float32 operands, exact float32 products. Else
+    bf16 operands on the tensor cores; UPCAST (the interpreter) multiplies the
+    same bf16 values in float32 (see the module docstring)."""
+    if IEEE or UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _logits(x, c, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """x (BR, BD) . c (BC, BD)^T in float32."""
-    if IEEE:
-        return tl.dot(x.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
-    return tl.dot(x, tl.trans(c))
+    return _dot(x, tl.trans(c), IEEE, UPCAST)
 
 
 @triton.jit
@@ -58,7 +75,7 @@ def _row_tile(X, LSE, G, rows, d, R, D):
 
 @triton.jit
 def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D,
-                 HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                 HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
@@ -68,7 +85,7 @@ def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D,
     total = tl.zeros([BLOCK_R], tl.float32)
     for start in range(0, NC, BLOCK_C):
         c, ok = _column_tile(C, VALID, start + tl.arange(0, BLOCK_C), d, NC, D, HAS_VALID)
-        logits = tl.where(ok[None, :], _logits(x, c, IEEE) * s, float("-inf"))
+        logits = tl.where(ok[None, :], _logits(x, c, IEEE, UPCAST) * s, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid column yet
         total = total * tl.exp(m - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
@@ -79,7 +96,7 @@ def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D,
 
 @triton.jit
 def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D,
-                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """dX[r] = s sum_c g_r p_rc cols_c;  DS[block] = sum_r g_r sum_c p_rc (rows_r . cols_c)."""
     pid = tl.program_id(0)
@@ -91,13 +108,10 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D,
     ds = tl.zeros([BLOCK_R], tl.float32)
     for start in range(0, NC, BLOCK_C):
         c, ok = _column_tile(C, VALID, start + tl.arange(0, BLOCK_C), d, NC, D, HAS_VALID)
-        raw = _logits(x, c, IEEE)
+        raw = _logits(x, c, IEEE, UPCAST)
         p = tl.where(ok[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
         gp = g[:, None] * p
-        if IEEE:
-            dx += tl.dot(gp, c.to(tl.float32), input_precision="ieee")
-        else:
-            dx += tl.dot(gp.to(c.dtype), c)
+        dx += _dot(gp.to(c.dtype), c, IEEE, UPCAST)  # bf16 columns: the weights rounded to bf16 too
         ds += tl.sum(gp * raw, 1)
     tl.store(DX + rows[:, None] * D + d[None, :], (dx * s).to(DX.dtype.element_ty),
              mask=(rows[:, None] < R) & (d[None, :] < D))
@@ -106,7 +120,7 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D,
 
 @triton.jit
 def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D,
-                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """dC[c] = s sum_r g_r p_rc rows_r (0 for invalid columns)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -116,12 +130,9 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D,
     dc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for start in range(0, R, BLOCK_R):
         x, lse, g = _row_tile(X, LSE, G, start + tl.arange(0, BLOCK_R), d, R, D)
-        raw = _logits(x, c, IEEE)
+        raw = _logits(x, c, IEEE, UPCAST)
         gp = g[:, None] * tl.where(ok[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
-        if IEEE:
-            dc += tl.dot(tl.trans(gp), x.to(tl.float32), input_precision="ieee")
-        else:
-            dc += tl.dot(tl.trans(gp).to(x.dtype), x)
+        dc += _dot(tl.trans(gp).to(x.dtype), x, IEEE, UPCAST)
     tl.store(DC + cols[:, None] * D + d[None, :], (dc * s).to(DC.dtype.element_ty),
              mask=(cols[:, None] < NC) & (d[None, :] < D))
 
@@ -131,26 +142,30 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D,
 
 
 def _prepare(rows, cols, col_valid):
-    if rows.dtype == torch.float64:  # the kernels compute in float32
-        rows, cols = rows.float(), cols.float()
-    if cols.dtype != rows.dtype:
-        cols = cols.to(rows.dtype)
+    """Rows and columns in one type, the wider of theirs (float64 computes in
+    float32; bf16 or fp16 with float32 is float32: an exact widening)."""
+    same_half = rows.dtype == cols.dtype and rows.dtype in (torch.bfloat16, torch.float16)
+    dtype = rows.dtype if same_half else torch.float32
     valid = col_valid.to(torch.int8).contiguous() if col_valid is not None else None
-    return rows.contiguous(), cols.contiguous(), valid
+    return rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), valid
 
 
 def _meta(rows, valid):
-    # IEEE: float32 products. Always for float32 inputs; for bf16 only under the
-    # interpreter, whose bf16 tl.dot returns garbage (triton 3.8, seen here).
-    ieee = rows.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    return dict(HAS_VALID=valid is not None, IEEE=ieee, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-                BLOCK_D=max(16, triton.next_power_of_2(rows.shape[1])))
+    ieee = rows.dtype == torch.float32
+    # float32 tiles are twice bf16's: with Triton's default 3 pipeline stages the
+    # kernels asked for 192-197 KB of shared memory (compiled for sm_80), more
+    # than an A100 has (163 KB); with 2, 128-132 KB. bf16 keeps the default.
+    return dict(HAS_VALID=valid is not None, IEEE=ieee, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_D=max(16, triton.next_power_of_2(rows.shape[1])),
+                num_stages=2 if ieee else 3)
 
 
 def lse_forward(rows, cols, col_valid, scale, out=None):
     rows, cols, valid = _prepare(rows, cols, col_valid)
     R, D = rows.shape
     out = torch.empty(R, device=rows.device, dtype=torch.float32) if out is None else out
+    if R == 0:  # a rank without samples: nothing to launch
+        return out
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
     _lse_forward[(triton.cdiv(R, BLOCK_R),)](rows, cols, dummy, out, scale, R, cols.shape[0], D, **_meta(rows, valid))
     return out
@@ -165,6 +180,8 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
     blocks = triton.cdiv(R, BLOCK_R)
     parts = torch.empty(blocks, device=rows.device, dtype=torch.float32) if d_scale_parts is None else d_scale_parts
+    if R == 0 or NC == 0:  # no row or no column: every gradient is 0
+        return d_rows.zero_(), d_cols.zero_(), parts.zero_().sum()
     dummy = valid if valid is not None else lse
     meta = _meta(rows, valid)
     _lse_backward_rows[(blocks,)](rows, cols, dummy, lse, grad, d_rows, parts, scale, R, NC, D, **meta)
@@ -186,7 +203,7 @@ class ColumnLogSumExp(torch.autograd.Function):
     def backward(ctx, grad):
         rows, cols, valid, scale32, lse = ctx.saved_tensors
         d_rows, d_cols, d_scale = lse_backward(rows, cols, valid if ctx.has_valid else None, scale32, lse, grad)
-        # float64 inputs were computed in float32: hand back gradients of their own type
+        # computed in the wider type (float32 for float64): hand back gradients of their own types
         rows_dtype, cols_dtype, scale_dtype = ctx.dtypes
         return (d_rows.to(rows_dtype), d_cols.to(cols_dtype), None,
                 d_scale.to(scale_dtype).reshape(ctx.scale_shape))

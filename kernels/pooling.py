@@ -71,6 +71,8 @@ def pool_forward(patches, text, sigma: float, e=None, norm=None):
     B, P, D = patches.shape
     e = torch.empty(B, D, device=patches.device, dtype=torch.float32) if e is None else e
     norm = torch.empty(B, device=patches.device, dtype=torch.float32) if norm is None else norm
+    if B == 0:  # a rank without samples: nothing to launch
+        return e, norm
     _pool_forward[(B,)](patches, text, e, norm, P, D, float(sigma), BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D))
     return e, norm
 
@@ -79,6 +81,8 @@ def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, 
     B, P, D = patches.shape
     d_patches = torch.empty_like(patches) if d_patches is None else d_patches
     d_text = torch.empty_like(text) if d_text is None else d_text
+    if B == 0:
+        return d_patches, d_text
     _pool_backward[(B,)](patches, text, e, norm, grad_e.contiguous(), d_patches, d_text, P, D, float(sigma),
                          BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D))
     return d_patches, d_text

@@ -19,9 +19,25 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args) -> int:
-    """Check a config and print it resolved, defaults and overrides applied."""
+    """Check a config and print it resolved, defaults and overrides applied (and,
+    with train.epochs, the step count the shards' manifest gives)."""
+    from .data.shards import read_manifest
+    from .train.launch import with_shards_manifest
+
     config = load_config(args.config, args.overrides)
-    print(dump_config(config), end="")
+    epochs = config.train.epochs
+    if epochs is not None and not config.data.train_shards:
+        print(dump_config(config), end="")
+        print(f"# train.epochs = {epochs}: train.steps follows from the sample count of data.train_shards' "
+              f"manifest (not set here)")
+        return 0
+    resolved = with_shards_manifest(config)
+    print(dump_config(resolved), end="")
+    if epochs is not None:
+        world = config.data.batch_size * config.train.workers
+        samples = read_manifest(config.data.train_shards)["samples"]
+        print(f"# train.steps = {resolved.train.steps}: {epochs:g} epochs of {samples:,} samples "
+              f"at {world:,} a step ({config.train.workers} x {config.data.batch_size})")
     return 0
 
 

@@ -70,7 +70,6 @@ class DataConfig:
     batch_size: int = 32  # per rank
     num_workers: int = 2
     subtexts: int = 8  # K: at most K sentences per caption (N = K + 3 slots)
-    context_length: int = 77
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
     shuffle_buffer: int = 1000  # samples per loader worker; 0: keep the shards' order
     augment: bool = True  # SPEC section 6 augmentation; off: resize + centre crop
@@ -84,7 +83,6 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
         _require(self.subtexts >= 1, "subtexts", "must be >= 1")
-        _require(self.context_length >= 2, "context_length", "must be >= 2")
 
 
 @dataclass
@@ -128,6 +126,10 @@ class OptimConfig:
 class TrainConfig:
     name: str = "make"  # the run: rerunning the same name in the same storage resumes it
     steps: int = 1000  # optimizer steps in all
+    # Or the run's length in passes over the data: steps = ceil(epochs * samples
+    # / (data.batch_size * workers)), the samples counted by the shards'
+    # manifest.json (`make-dist config` prints the result). Set one of the two.
+    epochs: float | None = None
     workers: int = 1  # data-parallel ranks (Ray Train workers)
     use_gpu: bool = False
     gpus_per_worker: float = 1.0  # with use_gpu
@@ -144,6 +146,7 @@ class TrainConfig:
     def validate(self) -> None:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(self.steps > 0, "steps", "must be > 0")
+        _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0 (or null: train.steps decides)")
         _require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.workers >= 1, "workers", "must be >= 1")
@@ -226,7 +229,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: the top level must be a mapping of sections")
     overridden = {_apply_override(raw, item) for item in overrides}
+    _one_length(raw, source, overridden)
     return from_dict(raw, source, overridden)
+
+
+def _one_length(raw: dict[str, Any], source: str, overridden: set[str]) -> None:
+    """train.steps and train.epochs are two ways to say one thing: a --set of
+    one replaces the file's other; both from the same place is an error."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or train.get("steps") is None or train.get("epochs") is None:
+        return
+    by_set = {key for key in ("steps", "epochs") if f"train.{key}" in overridden}
+    if len(by_set) == 1:
+        del train[({"steps", "epochs"} - by_set).pop()]
+        return
+    where = "--set" if by_set else source
+    raise ConfigError(f"{where}: train.steps = {train['steps']!r} and train.epochs = {train['epochs']!r} "
+                      f"both set: the run's length is one of them")
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] = frozenset()) -> Config:

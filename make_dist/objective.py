@@ -13,19 +13,30 @@ Inputs are the embeddings of one rank's local batch (all L2-normalised):
 
 Data parallel. With torch.distributed initialised and world size G > 1, every
 rank computes the terms of its own rows against the columns gathered from all
-ranks. The value returned on every rank is the loss of the concatenated global
-batch. The backward carries G times this rank's share of the global gradient,
-because data-parallel engines (DDP, DeepSpeed) *average* gradients over
-ranks: after that average every parameter receives exactly the gradient of
-the single-process loss on the global batch.
+ranks. Ranks may hold different numbers of samples (a short last batch, a
+skipped corrupt sample), none included. The value returned on every rank is
+the loss of the concatenated global batch. The backward carries G times this
+rank's share of the global gradient, because data-parallel engines (DDP,
+DeepSpeed) *average* gradients over ranks: after that average every
+parameter receives exactly the gradient of the single-process loss on the
+global batch, whatever each rank held.
 
-Nothing here loops over samples or captions, and nothing reads a value back
-to the host: the whole objective is a handful of batched matmuls.
+Precision. bf16 embeddings are used as they are (their products are exact
+in float32) and everything accumulates in float32. The knowledge-enhanced
+embeddings are made in float32 and stay float32 everywhere, gathered and
+local, so each term's log-sum-exp and its positive logit read one and the
+same value of every embedding.
+
+Nothing here loops over samples or captions: the whole objective is a
+handful of batched matmuls. Nothing reads a value back to the host either,
+except the per-rank batch sizes when the caller does not pass them
+(`rows_per_rank`; the trainer does).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,6 +61,7 @@ def make_loss(
     subtexts: bool = True,
     aspects: bool = True,
     backend: str = "torch",
+    rows_per_rank: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The MAKE loss terms: ``total``, ``mkcl``, ``i2t``, ``t2i``, ``slra``.
 
@@ -58,6 +70,10 @@ def make_loss(
     and 2 from it likewise, ``slra`` off sets lambda to 0 (and ``slra``
     reports 0), ``dkw`` off gives every valid text weight 1. Everything off is
     CLIP's loss on the raw captions.
+
+    ``rows_per_rank``: every rank's local batch size, in rank order, when the
+    caller knows them (None: exchanged here, one small all-gather read back
+    to the host).
     """
     _check_shapes(image, patches, texts, mask, scale)
     ops = _ops(backend, image)
@@ -73,10 +89,12 @@ def make_loss(
     in_mkcl = mask & slots_in_mkcl(mask.shape[1], subtexts, aspects).to(mask.device)
     w_mkcl = weights * in_mkcl
     w_slra = weights[:, FIRST_SUBTEXT:]
+    # float32 from both backends, and kept so: gathered and local alike (module docstring).
     knowledge = ops.knowledge_embedding(patches, texts[:, RAW], sigma).to(acc) if slra else None
 
     world = _world_size()
-    cols = gather_columns(image, texts, in_mkcl, knowledge, world)
+    sizes = batch_sizes(image.shape[0], image.device, world, rows_per_rank)
+    cols = gather_columns(image, texts, in_mkcl, knowledge, sizes)
     den = _all_reduce(torch.stack([w_mkcl.sum(), w_slra.sum()]), world)
 
     numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
@@ -229,52 +247,94 @@ class Columns:
     """The columns every rank scores its rows against, gathered from all ranks."""
 
     def __init__(self, images, texts, text_valid, knowledge):
-        self.images = images  # (G*B, D)
-        self.texts = texts  # (G*B*N, D)
-        self.text_valid = text_valid  # (G*B*N,) bool
-        self.knowledge = knowledge  # (G*B, D) or None
+        self.images = images  # (sum B, D)
+        self.texts = texts  # (sum B * N, D)
+        self.text_valid = text_valid  # (sum B * N,) bool
+        self.knowledge = knowledge  # (sum B, D) float32, or None
 
 
-def gather_columns(image, texts, text_valid, knowledge, world: int) -> Columns:
-    """One all-gather (with gradient) of images, texts, validity and knowledge."""
+def batch_sizes(rows: int, device: torch.device, world: int, given: Sequence[int] | None = None) -> list[int]:
+    """Every rank's local batch size: `given` (checked against this rank's),
+    or exchanged in one all-gather of a single number (read back to the host)."""
+    if world == 1:
+        return [rows]
+    if given is not None:
+        given = [int(n) for n in given]
+        rank = dist.get_rank()
+        if len(given) != world or given[rank] != rows:
+            raise ValueError(f"make_loss: rows_per_rank {given} does not match rank {rank} of {world}, "
+                             f"which holds {rows} samples")
+        return given
+    mine = torch.tensor([rows], device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [int(n) for n in torch.cat(every).tolist()]
+
+
+def gather_columns(image, texts, text_valid, knowledge, rows_per_rank: Sequence[int]) -> Columns:
+    """Images, texts, validity and knowledge embeddings of every rank (with
+    gradient), in rank order: one all-gather per dtype (the knowledge
+    embeddings travel in float32 beside bf16 embeddings)."""
     B, N, D = texts.shape
-    parts = [image, texts.flatten(1), text_valid.to(image.dtype)]
+    parts = {"images": image, "texts": texts.flatten(1), "valid": text_valid.to(image.dtype)}
     if knowledge is not None:
-        parts.append(knowledge.to(image.dtype))
-    packed = torch.cat(parts, 1)
-    if world > 1:
-        packed = _GatherWithGrad.apply(packed)
-    images, flat_texts, valid, rest = packed.split([D, N * D, N, packed.shape[1] - D - N * D - N], 1)
+        parts["knowledge"] = knowledge
+    if len(rows_per_rank) > 1:
+        parts = _gather_rows(parts, list(rows_per_rank))
     return Columns(
-        images=images,
-        texts=flat_texts.reshape(-1, D),
-        text_valid=valid.reshape(-1).detach() > 0.5,
-        knowledge=rest if knowledge is not None else None,
+        images=parts["images"],
+        texts=parts["texts"].reshape(-1, D),
+        text_valid=parts["valid"].reshape(-1).detach() > 0.5,
+        knowledge=parts.get("knowledge"),
     )
 
 
+def _gather_rows(parts: dict[str, torch.Tensor], sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Every rank's rows of each (rows, features) tensor, packed by dtype."""
+    gathered = {}
+    for dtype in dict.fromkeys(p.dtype for p in parts.values()):
+        names = [name for name, p in parts.items() if p.dtype == dtype]
+        widths = [parts[name].shape[1] for name in names]
+        packed = _GatherWithGrad.apply(torch.cat([parts[name] for name in names], 1), sizes)
+        gathered.update(zip(names, packed.split(widths, 1)))
+    return gathered
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every rank's gradient of the
-    gathered tensor and returns this rank's slice (a reduce-scatter)."""
+    """all_gather along dim 0 of blocks of any size per rank (`sizes`, the
+    same list on every rank); the backward sums every rank's gradient of the
+    gathered tensor and returns this rank's block (a reduce-scatter).
+
+    Collectives need equal shapes: each block travels padded to the largest."""
 
     @staticmethod
-    def forward(ctx, x):
-        world = dist.get_world_size()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        return torch.cat(parts, 0)
+    def forward(ctx, x, sizes):
+        world, most = len(sizes), max(sizes)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        if most == 0:
+            return x.new_empty((0,) + x.shape[1:])
+        padded = x.new_zeros((most,) + x.shape[1:])
+        padded[: x.shape[0]] = x
+        blocks = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(blocks, padded)
+        return torch.cat([block[:n] for block, n in zip(blocks, sizes)], 0)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        sizes, rank = ctx.sizes, ctx.rank
+        most = max(sizes)
+        if most == 0:
+            return grad.new_empty((0,) + grad.shape[1:]), None
+        padded = grad.new_zeros((len(sizes), most) + grad.shape[1:])
+        for r, block in enumerate(grad.split(sizes, 0)):
+            padded[r, : sizes[r]] = block
         if dist.get_backend() == "nccl":
-            out = grad.new_empty((ctx.rows,) + grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad)
-            return out
-        # gloo has no reduce-scatter: sum everything, keep our slice.
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+            out = grad.new_empty((most,) + grad.shape[1:])
+            dist.reduce_scatter_tensor(out, padded.flatten(0, 1))
+        else:  # gloo has no reduce-scatter: sum everything, keep our block
+            dist.all_reduce(padded)
+            out = padded[rank]
+        return out[: sizes[rank]], None
 
 
 def _world_size() -> int:

@@ -27,6 +27,19 @@ def test_config_prints_resolved_yaml(repo_root):
     assert resolved["loss"]["lam"] == 0.25 and resolved["model"]["name"] == "make-tiny"
 
 
+def test_config_prints_the_steps_of_the_epochs(repo_root, tmp_path):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"samples": 403_563, "shards": ["a.tar"], "subtexts": 8}))
+    out = run("config", "--config", str(repo_root / "configs/paper.yaml"),
+              "--set", f"data.train_shards={tmp_path / 'manifest.json'}")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["train"]["steps"] == 2956
+    assert "train.steps = 2956: 15 epochs of 403,563 samples at 2,048 a step (1 x 2048)" in out.stdout
+    out = run("config", "--config", str(repo_root / "configs/paper.yaml"))  # no shards named: says so
+    assert out.returncode == 0 and "train.steps follows from the sample count" in out.stdout
+
+
 def test_bad_config_fails_naming_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  lr: fast\n")

@@ -13,7 +13,74 @@ def test_shipped_configs_load(repo_root):
     assert paper.optim.betas == (0.9, 0.98) and paper.optim.eps == 1e-6 and paper.optim.lr == 1e-4
     assert paper.optim.weight_decay == 0.1 and paper.optim.warmup_steps == 1500
     assert paper.loss.lam == 0.7 and paper.data.subtexts == 8
-    assert paper.data.batch_size * paper.train.workers == 2048
+    # the paper's run: one H200 at batch 2048, and the same as 8 GPUs x 256, 15 epochs each
+    assert (paper.train.workers, paper.data.batch_size, paper.train.epochs) == (1, 2048, 15)
+    assert paper.model.grad_checkpointing is True and paper.train.use_gpu and paper.train.precision == "bf16"
+    node = load_config(repo_root / "configs/paper-8gpu.yaml")
+    assert (node.train.workers, node.data.batch_size, node.train.epochs) == (8, 256, 15)
+    same = ("optim", "loss", "tracking")
+    assert all(getattr(node, k) == getattr(paper, k) for k in same)
+    assert node.model.name == paper.model.name and node.model.pretrained == paper.model.pretrained
+
+
+def write_manifest(path, samples, subtexts=8):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"samples": samples, "shards": ["shard-000000.tar"], "subtexts": subtexts}))
+    return str(path)
+
+
+def test_epochs_resolve_to_steps_from_the_manifest(repo_root, tmp_path):
+    """15 epochs of Derm1M's 403,563 pairs at 2048 a step: 2,956 steps, on one
+    card or on eight."""
+    from make_dist.train.launch import with_shards_manifest
+
+    manifest = write_manifest(tmp_path / "shards/manifest.json", 403_563)
+    for name in ("paper.yaml", "paper-8gpu.yaml"):
+        cfg = with_shards_manifest(load_config(repo_root / "configs" / name, [f"data.train_shards={manifest}"]))
+        assert cfg.train.steps == 2956 and cfg.train.epochs == 15
+    small = load_config(None, [f"data.train_shards={manifest}", "train.epochs=2", "data.batch_size=4096"])
+    assert with_shards_manifest(small).train.steps == 198  # 807,126 / 4096 = 197.05: the last step short
+    exact = load_config(None, [f"data.train_shards={write_manifest(tmp_path / 'e/manifest.json', 640)}",
+                               "train.epochs=0.1", "data.batch_size=64"])
+    assert with_shards_manifest(exact).train.steps == 1
+
+
+def test_epochs_need_a_manifest(tmp_path):
+    from make_dist.errors import UserError
+    from make_dist.train.launch import with_shards_manifest
+
+    cfg = load_config(None, [f"data.train_shards={tmp_path}/shard-{{000..009}}.tar", "train.epochs=3"])
+    with pytest.raises(UserError, match="train.epochs = 3.0: needs data.train_shards to name a manifest.json"):
+        with_shards_manifest(cfg)
+
+
+def test_steps_and_epochs_are_one_setting(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 15\n")
+    assert load_config(path, ["train.steps=100"]).train.epochs is None  # a --set of steps replaces the file's epochs
+    assert load_config(path, ["train.steps=100"]).train.steps == 100
+    path.write_text("train:\n  steps: 60\n")
+    assert load_config(path, ["train.epochs=2"]).train.epochs == 2.0
+    path.write_text("train:\n  steps: 60\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.steps = 60 and train\.epochs = 2 both set"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set: train\.steps = 5 and train\.epochs = 1 both set"):
+        load_config(None, ["train.steps=5", "train.epochs=1"])
+    with pytest.raises(ConfigError, match=r"train\.epochs = 0\.0: must be > 0"):
+        load_config(None, ["train.epochs=0"])
+
+
+def test_shards_with_fewer_sentences_than_asked_are_refused(tmp_path):
+    from make_dist.errors import UserError
+    from make_dist.train.launch import with_shards_manifest
+
+    manifest = write_manifest(tmp_path / "shards/manifest.json", 100, subtexts=4)
+    with pytest.raises(UserError, match=r"data\.subtexts = 8, but the shards at .* were written with --subtexts 4"):
+        with_shards_manifest(load_config(None, [f"data.train_shards={manifest}"]))
+    assert with_shards_manifest(load_config(None, [f"data.train_shards={manifest}", "data.subtexts=4"]))
+    assert with_shards_manifest(load_config(None, [f"data.train_shards={manifest}", "data.subtexts=2"]))
 
 
 def test_defaults_without_file():
@@ -51,6 +118,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("model:\n  grad_checkpointing: vision\n", r"model\.grad_checkpointing = 'vision': must be false, true, image"),
         ("model:\n  text_batching: packed\n", r"model\.text_batching = 'packed': must be one of"),
         ("model:\n  compile: true\ntrain:\n  zero_stage: 3\n", r"c\.yaml: model\.compile = true does not work with"),
+        ("data:\n  context_length: 64\n", r"c\.yaml: unknown key data\.context_length"),  # the model's, not the data's
     ],
 )
 def test_bad_files_name_key_and_file(tmp_path, text, message):

@@ -150,3 +150,79 @@ def test_cli_eval_json_and_mlflow(eval_set, model, tmp_path):
     assert run.data.metrics["eval/classify/scored"] == 150 and "eval/classify/top1" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/classify")}
     assert "eval/classify/confusion_matrix.png" in artifacts
+
+
+# ---------------------------------------------------------------------------
+# Against open_clip itself, and the tie rule
+
+
+COLOURS = ["red", "brown", "pink", "dark", "pale", "white", "black", "purple", "yellow", "grey", "blue", "orange",
+           "tan", "violet", "golden"]
+SHAPES = ["plaque", "patch", "papule", "nodule", "macule", "lesion", "spot", "rash", "bump", "ring"]
+
+
+def test_cli_retrieval_equals_open_clips_own_encoding(eval_set, model, tmp_path):
+    """Captions like `so itchy!""` hold token 0 ("!" inside a word) before their
+    end token: a length counted as non-zero tokens cut the end token off (and
+    the embedding with it). `make-dist eval` on an exported model must give
+    exactly the recall of open_clip's own loader, transforms and encoders."""
+    import open_clip
+    from PIL import Image
+
+    export_open_clip(model, tmp_path / "model")
+    rows = pd.read_csv(eval_set / "eval/retrieval.csv")
+    rows["caption"] = [f'{c} {s} so itchy!""' for c in COLOURS for s in SHAPES][: len(rows)]
+    rows.to_csv(tmp_path / "retrieval.csv", index=False)
+    out = subprocess.run(
+        [str(EXE), "eval", "--model", str(tmp_path / "model"), "--task", "retrieval", "--table",
+         str(tmp_path / "retrieval.csv"), "--images-root", str(eval_set), "--out", str(tmp_path / "r.json"),
+         "--no-mlflow"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "r.json").read_text())[str(tmp_path / "model")]
+
+    clip, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'model'}")
+    tok = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'model'}")
+    clip.eval()
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(eval_set / p)) for p in rows["image"]])
+        similarity = clip.encode_image(images, normalize=True) @ clip.encode_text(tok(list(rows["caption"])),
+                                                                                  normalize=True).T
+    for direction, sim in (("i2t", similarity), ("t2i", similarity.T)):
+        for k in (10, 50, 100):
+            assert result["metrics"][f"{direction}_R{k}"] == metrics.recall_at_k(sim, k), (direction, k)
+
+    # the texts themselves, through make-dist's evaluation encoder
+    from make_dist.evaluate.tasks import encode_texts
+
+    captions = list(rows["caption"][:20])
+    ours = encode_texts(model.eval(), tokenizer(ModelConfig(name="make-tiny")), captions)
+    theirs = torch.nn.functional.normalize(model.clip.encode_text(tok(captions)), dim=-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_ties_count_against_the_model():
+    """A collapsed model (every similarity equal) gets chance, not perfection."""
+    n = 40
+    flat = torch.zeros(n, n)
+    assert metrics.recall_at_k(flat, 1) == pytest.approx(1 / n)
+    assert metrics.recall_at_k(flat, 10) == pytest.approx(10 / n)
+    assert metrics.topk_accuracy(torch.zeros(n, 4), torch.arange(n) % 4, 1) == pytest.approx(1 / 4)
+    # a tie with a lower-index column ranks the match below it; with a higher one, above
+    sim = torch.tensor([[0.5, 0.5, 0.1], [0.5, 0.5, 0.1], [0.2, 0.2, 0.2]])
+    assert metrics.rank_of(sim, torch.arange(3)).tolist() == [0, 1, 2]
+
+
+def test_macro_auroc_uses_the_learned_temperature(eval_set, tok):
+    """One-vs-rest AUROC over softmax probabilities depends on the temperature:
+    it is the model's, as in concept annotation."""
+    torch.manual_seed(0)
+    warm = build_model(ModelConfig(name="make-tiny"))
+    cold = build_model(ModelConfig(name="make-tiny"))
+    cold.load_state_dict(warm.state_dict())
+    with torch.no_grad():
+        cold.clip.logit_scale.fill_(math.log(100.0))
+        warm.clip.logit_scale.fill_(0.0)
+    args = ("classify", tok, str(eval_set / "eval/classify.csv"), str(eval_set), str(eval_set / "classes.yaml"))
+    a, b = run_task(args[0], warm, *args[1:]), run_task(args[0], cold, *args[1:])
+    assert a.metrics["top1"] == b.metrics["top1"]  # the ranking of classes is the temperature's to keep
+    assert a.metrics["macro_auroc"] != b.metrics["macro_auroc"]

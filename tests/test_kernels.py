@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.contrastive import lse_backward, lse_forward
+from kernels.contrastive import _meta, _prepare, lse_backward, lse_forward
 from kernels.pooling import pool_backward, pool_forward
 from make_dist import objective
 from tests.test_objective import random_inputs, with_missing
@@ -83,14 +83,39 @@ def test_column_lse_writes_every_element():
     assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(parts).all()
 
 
-def test_column_lse_bf16_inputs_accumulate_in_fp32():
+def close_relative(a, b, tol):
+    """Largest error as a fraction of the largest reference value."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a.double() - b.double()).abs().max().item() / b.double().abs().max().clamp_min(1e-30).item()
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("cols_dtype", [torch.bfloat16, torch.float32])
+def test_column_lse_bf16_forward_and_backward(cols_dtype):
+    """The GPU branch (bf16 products, the probabilities rounded to bf16 for the
+    backward products, bf16 stores), run by the interpreter as on a card.
+    float32 columns (the knowledge embeddings) take the rows to float32."""
     g = torch.Generator().manual_seed(6)
-    x, c = unit(48, 64, g=g), unit(96, 64, g=g)
-    s = torch.tensor([50.0], dtype=torch.float64, device=DEVICE)
-    got = kernels.column_logsumexp(x.bfloat16(), c.bfloat16(), None, s)
-    assert got.dtype == torch.float32
-    want = objective.column_logsumexp(x.bfloat16().double(), c.bfloat16().double(), None, s)
-    close(got, want, 2e-3 * 50)  # bf16 products, fp32 sums: rounding of the inputs only
+    x = unit(48, 64, g=g).bfloat16().requires_grad_()
+    c = unit(96, 64, g=g).to(cols_dtype).requires_grad_()
+    valid = (torch.rand(96, generator=g) < 0.7).to(DEVICE)
+    s = torch.tensor([50.0], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    upstream = torch.rand(48, generator=g, dtype=torch.float64).to(DEVICE)
+    got = kernels.column_logsumexp(x, c, valid, s)
+    (got * upstream).sum().backward()
+    assert got.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and c.grad.dtype == cols_dtype
+    rows, _, _ = _prepare(x, c, None)  # bf16 with bf16: the tensor-core branch; with float32: IEEE float32
+    assert _meta(rows, None)["IEEE"] == (cols_dtype == torch.float32)
+    # the reference: the same (rounded) values in float64
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, c, s))
+    want = objective.column_logsumexp(x64, c64, valid, s64)
+    (want * upstream).sum().backward()
+    close(got, want, 1e-4)  # float32 sums of exact products
+    assert abs(s.grad.item() - s64.grad.item()) <= 1e-4 * abs(s64.grad.item())
+    # gradients: the weights (and, for bf16 columns, the results) rounded to bf16
+    close_relative(x.grad, x64.grad, 1e-2)
+    close_relative(c.grad, c64.grad, 1e-2 if cols_dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(c.grad[~valid], torch.zeros_like(c.grad[~valid]))
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +141,21 @@ def test_patch_pool_matches_dense(B, P, D, sigma, seed):
     close(got, want, 1e-6)
     close(gp, p.grad, 2e-6)
     close(gt, t.grad, 2e-6)
+
+
+def test_patch_pool_bf16_forward_and_backward():
+    g = torch.Generator().manual_seed(9)
+    p, t = unit(5, 37, 32, g=g).bfloat16().requires_grad_(), unit(5, 32, g=g).bfloat16().requires_grad_()
+    upstream = torch.randn(5, 32, generator=g, dtype=torch.float64).to(DEVICE)
+    got = kernels.knowledge_embedding(p, t, 0.05)
+    (got * upstream).sum().backward()
+    assert got.dtype == torch.float32 and p.grad.dtype == t.grad.dtype == torch.bfloat16
+    p64, t64 = (x.detach().double().requires_grad_() for x in (p, t))
+    want = objective.knowledge_embedding(p64, t64, 0.05)
+    (want * upstream).sum().backward()
+    close(got, want, 1e-5)  # float32 inside
+    close_relative(p.grad, p64.grad, 1e-2)  # stored as bf16
+    close_relative(t.grad, t64.grad, 1e-2)
 
 
 def test_patch_pool_writes_every_element():
@@ -153,6 +193,80 @@ def test_make_loss_triton_equals_torch(dkw, slra, subtexts, sigma):
         close(got[key], want[key], 2e-6)
     for name, a, b in zip(("image", "patches", "texts", "scale"), got_grads, want_grads):
         close(a, b, 5e-6)
+
+
+def test_make_loss_triton_equals_torch_on_bf16():
+    """Values and gradients of the whole objective on bf16 embeddings."""
+    image, patches, texts, mask, scale = random_inputs(B=8, N=7, D=32, P=10, seed=12)
+    mask = with_missing(mask)
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = [x.bfloat16().to(DEVICE).requires_grad_() for x in (image, patches, texts)]
+        out = objective.make_loss(*leaves, mask.to(DEVICE), torch.tensor([30.0], device=DEVICE), backend=backend)
+        out["total"].backward()
+        results[backend] = (out, [x.grad for x in leaves])
+    (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
+    for key in ("total", "mkcl", "i2t", "t2i", "slra"):
+        close(got[key], want[key], 1e-5)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.bfloat16
+        close_relative(a, b, 2e-2)
+
+
+def test_kernels_take_empty_inputs():
+    """A rank without samples launches nothing and gets empty or zero gradients."""
+    x = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    c = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    s = torch.tensor([10.0], device=DEVICE, requires_grad=True)
+    lse = kernels.column_logsumexp(x, c, None, s)
+    lse.sum().backward()
+    assert lse.shape == (0,) and torch.equal(c.grad, torch.zeros_like(c)) and s.grad.item() == 0
+    p, t = torch.zeros(0, 4, 16, device=DEVICE, requires_grad=True), torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    e = kernels.knowledge_embedding(p, t, 0.0)
+    e.sum().backward()
+    assert e.shape == (0, 16) and p.grad.shape == p.shape
+
+
+A100_SHARED = 163 * 1024  # the most shared memory one block may ask for on an A100 (sm_80)
+
+# Run in a fresh process: this one defined the kernels for the interpreter.
+COMPILE_FOR_SM80 = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.contrastive import _lse_backward_cols, _lse_backward_rows, _lse_forward, _meta
+
+meta = _meta(torch.zeros(1, 512), torch.zeros(1, dtype=torch.int8))  # float32 rows, D = 512, a validity mask
+stages = meta.pop("num_stages")
+shared = {}
+for kernel in (_lse_forward, _lse_backward_rows, _lse_backward_cols):
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in meta else "*i8" if n == "VALID" else "i32" if n in ("R", "NC", "D")
+                 else "*fp32" for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in meta.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options=dict(num_warps=4, num_stages=stages))
+    shared[kernel.__name__] = compiled.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+@pytest.mark.slow
+def test_float32_kernels_fit_an_a100(repo_root):
+    """bf16 training runs the fine-grained term's log-sum-exp in float32 (bf16
+    subtexts against float32 knowledge embeddings): those builds, configured
+    as the launcher configures them, must fit an A100. Compiled for sm_80
+    without a GPU (ptxas ships in the triton wheel): about 35 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM80], capture_output=True, text=True, env=env,
+                         cwd=repo_root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shared = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(shared) == 3 and all(0 < v <= A100_SHARED for v in shared.values()), shared
 
 
 def test_auto_backend_picks_torch_on_cpu_tensors():

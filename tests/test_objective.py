@@ -6,8 +6,9 @@ nothing like the vectorised code it checks.
 
 from __future__ import annotations
 
-import os
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,39 @@ def test_float32_and_bfloat16_inputs_accumulate_in_float32():
     assert got16.dtype == torch.float32 and abs(got16.item() - want.item()) < 0.1
 
 
+def bf16_problem(B, N, D, P, seed, aligned=False):
+    """Unit embeddings rounded to bf16 (what the towers hand the loss on a GPU).
+    aligned: each sample's texts and patches lie close to its image, as in a
+    trained model, so the loss is small and a biased term shows."""
+    image, patches, texts, mask, _ = random_inputs(B=B, N=N, D=D, P=P, seed=seed)
+    if aligned:
+        g = torch.Generator().manual_seed(seed + 1)
+        near = lambda shape: F.normalize(image.reshape(B, *[1] * (len(shape) - 2), D)  # noqa: E731
+                                         + 0.35 * torch.randn(*shape, generator=g, dtype=image.dtype), dim=-1)
+        texts, patches = near(texts.shape), near(patches.shape)
+    mask = with_missing(mask)
+    return [x.bfloat16() for x in (image, patches, texts)], mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scale,sigma,aligned", [(30.0, 0.0, False), (100.0, 0.0, False), (100.0, 0.1, False),
+                                                 (30.0, 0.1, True), (100.0, 0.0, True)])
+def test_bf16_inputs_match_float64_on_the_same_rounded_values(backend, scale, sigma, aligned):
+    """The GPU path of every paper run: bf16 embeddings. Every term must use one
+    value of each embedding in its log-sum-exp and its positive (a knowledge
+    embedding rounded to bf16 for the gather but not for the positive was
+    6e-3 off at scale 100, and negative on an aligned batch)."""
+    (image, patches, texts), mask = bf16_problem(B=8, N=9, D=32, P=12, seed=int(scale) + int(10 * sigma) + aligned,
+                                                 aligned=aligned)
+    s = torch.tensor([scale])
+    got = make_loss(image, patches, texts, mask, s.bfloat16(), sigma=sigma, backend=backend)
+    want = reference_loss(image.double(), patches.double(), texts.double(), mask, s.double(), sigma=sigma)
+    for key in ("total", "mkcl", "i2t", "t2i", "slra"):
+        assert got[key].dtype == torch.float32
+        assert abs(got[key].item() - want[key].item()) < 1e-4, (key, got[key].item(), want[key].item())
+    assert got["slra"].item() > 0 and got["total"].item() > 0  # cross-entropies
+
+
 def test_bad_inputs_fail_with_shapes():
     image, patches, texts, mask, scale = random_inputs()
     with pytest.raises(ValueError, match="mask must be"):
@@ -247,14 +281,11 @@ def test_bad_inputs_fail_with_shapes():
 # Data parallel: a real 2-process gloo group against one process on the global batch
 
 
-WORLD = 2
-
-
-def _global_problem():
+def _global_problem(B=6):
     """Global batch of features mapped through a shared parameter W, so the
     test sees what data-parallel training applies to parameters too."""
     g = torch.Generator().manual_seed(21)
-    B, N, D, P = 6, 6, 8, 5
+    N, D, P = 6, 8, 5
     feats = {
         "image": torch.randn(B, D, generator=g, dtype=torch.float64),
         "patches": torch.randn(B, P, D, generator=g, dtype=torch.float64),
@@ -267,48 +298,77 @@ def _global_problem():
     return feats, mask, W
 
 
-def _forward_backward(feats, mask, W, log_scale, backend="torch"):
+def _forward_backward(feats, mask, W, log_scale, backend="torch", **kw):
     feats = {k: v.clone().requires_grad_() for k, v in feats.items()}
     W = W.clone().requires_grad_()
     log_scale = log_scale.clone().requires_grad_()
     emb = {k: F.normalize(v @ W, dim=-1) for k, v in feats.items()}
-    out = make_loss(emb["image"], emb["patches"], emb["texts"], mask, log_scale.exp(), lam=0.7, backend=backend)
+    out = make_loss(emb["image"], emb["patches"], emb["texts"], mask, log_scale.exp(), lam=0.7, backend=backend, **kw)
     out["total"].backward()
     grads = {k: v.grad for k, v in feats.items()}
     return out, grads, W.grad, log_scale.grad
 
 
-def _dp_worker(rank, init_file, out_dir, backend):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    feats, mask, W = _global_problem()
-    B = mask.shape[0] // WORLD
-    local = {k: v[rank * B : (rank + 1) * B] for k, v in feats.items()}
-    out, grads, gW, gs = _forward_backward(local, mask[rank * B : (rank + 1) * B], W,
-                                           torch.tensor([2.0], dtype=torch.float64), backend)
+def _dp_worker(rank, init_file, out_dir, backend, sizes, tell_sizes):
+    world = len(sizes)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    feats, mask, W = _global_problem(sum(sizes))
+    start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    local = {k: v[start:stop] for k, v in feats.items()}
+    out, grads, gW, gs = _forward_backward(local, mask[start:stop], W, torch.tensor([2.0], dtype=torch.float64),
+                                           backend, rows_per_rank=sizes if tell_sizes else None)
     # What a data-parallel engine applies to shared parameters: the mean over ranks.
     dist.all_reduce(gW)
     dist.all_reduce(gs)
     torch.save(
-        {"out": {k: v.detach() for k, v in out.items()}, "grads": grads, "W": gW / WORLD, "scale": gs / WORLD},
+        {"out": {k: v.detach() for k, v in out.items()}, "grads": grads, "W": gW / world, "scale": gs / world},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_two_process_gloo_matches_single_process(tmp_path, backend):
-    """Triton on CPU runs in its interpreter (tests/conftest.py), float32 inside."""
-    mp.spawn(_dp_worker, args=(str(tmp_path / "init"), str(tmp_path), backend), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("backend,sizes,tell_sizes", [
+    ("torch", [3, 3], True),      # equal halves, sizes given by the caller (the trainer's resampled case)
+    ("triton", [3, 3], False),    # kernels interpreted on the CPU (tests/conftest.py), float32 inside
+    ("torch", [4, 3], False),     # a short last batch on one rank: sizes exchanged
+    ("torch", [3, 0, 4], False),  # three ranks, one without samples
+    ("triton", [2, 5, 1], True),
+])
+def test_data_parallel_gloo_matches_single_process(tmp_path, backend, sizes, tell_sizes):
+    """Real gloo process groups of 2 and 3 ranks, equal and unequal local
+    batches, against one process holding the union."""
+    world = len(sizes)
+    mp.spawn(_dp_worker, args=(str(tmp_path / "init"), str(tmp_path), backend, sizes, tell_sizes), nprocs=world,
+             join=True)
     tol = 1e-10 if backend == "torch" else 5e-6
-    feats, mask, W = _global_problem()
+    feats, mask, W = _global_problem(sum(sizes))
     want, want_grads, want_W, want_s = _forward_backward(feats, mask, W, torch.tensor([2.0], dtype=torch.float64))
-    B = mask.shape[0] // WORLD
-    for rank in range(WORLD):
+    for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert_terms_close(got["out"], want, atol=tol)  # every rank reports the global loss
+        # The engine's mean over ranks is the single-process gradient: a gradient off
+        # by the world size (or a rank's share left out) fails here.
         assert torch.allclose(got["W"], want_W, atol=tol)
         assert torch.allclose(got["scale"], want_s, atol=tol)
+        start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
         for k, g in got["grads"].items():
-            # The rank's own inputs carry WORLD x their share (engines average).
-            assert torch.allclose(g / WORLD, want_grads[k][rank * B : (rank + 1) * B], atol=tol), k
+            # The rank's own inputs carry world x their share (engines average).
+            assert torch.allclose(g / world, want_grads[k][start:stop], atol=tol), k
+
+
+def test_rows_per_rank_that_disagree_with_the_batch_are_refused(tmp_path):
+    mp.spawn(_wrong_sizes_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert "rows_per_rank [3, 4] does not match rank 0 of 2, which holds 4 samples" in (tmp_path / "rank0").read_text()
+
+
+def _wrong_sizes_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    image, patches, texts, mask, scale = random_inputs(B=4 if rank == 0 else 3, seed=rank)
+    try:
+        make_loss(image, patches, texts, mask, scale, rows_per_rank=[3, 4])  # wrong on both ranks
+        message = "accepted"
+    except ValueError as e:
+        message = str(e)
+    (Path(out_dir) / f"rank{rank}").write_text(message)
+    dist.destroy_process_group()

@@ -19,6 +19,8 @@ from make_dist.data.schema import (
         ("a. b. c. d.", 2, ["a", "b"]),  # keep the first K
         ("Ends without period. Then", 8, ["Ends without period", "Then"]),
         ("Dots... then more.", 8, ["Dots..", "then more"]),
+        ("Itchy; red; scaly.", 8, ["Itchy;", "red;", "scaly"]),  # ';' ends a sentence too
+        (".", 8, ["."]),  # no usable sentence: the caption itself, so every sample has one
     ],
 )
 def test_split_sentences(caption, k, want):
@@ -52,6 +54,20 @@ def test_missing_markers_and_nan_are_empty():
     cols = Columns(disease="disease", concepts="concepts", missing=["", "nan", "no definitive diagnosis"])
     s = cols.sample({"image": "a", "caption": "C", "disease": "No definitive diagnosis", "concepts": math.nan})
     assert s.disease_text is None and s.concept_text is None
+
+
+def test_subtexts_from_a_native_list_column(tmp_path):
+    """A Parquet list column arrives as a numpy array per cell."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"image": ["a", "b", "c"], "caption": ["C. D.", "E.", "F"],
+                          "subs": [["x", " y ", ""], [], None]})
+    frame.to_parquet(tmp_path / "t.parquet")
+    rows = pd.read_parquet(tmp_path / "t.parquet").to_dict("records")
+    cols = Columns(subtexts="subs")
+    assert [cols.sample(r).subtexts for r in rows] == [["x", "y"], ["E"], ["F"]]  # empty lists: the sentences
+    with pytest.raises(RowError, match="not a list of texts"):
+        cols.sample({"image": "a", "caption": "C", "subs": [1, 2]})
 
 
 def test_subtexts_from_json_column():

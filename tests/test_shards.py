@@ -142,6 +142,21 @@ def test_parquet_typed_fields(tmp_path):
     assert "empty caption" in reasons[1] and "label (column 'count') is int" in reasons[0]
 
 
+def test_parquet_list_column_of_subtexts(tmp_path):
+    """Parquet holds lists natively: each row keeps its own subtexts."""
+    img = tmp_path / "img"
+    save_image(img / "a.jpg")
+    frame = pd.DataFrame({"image": ["a.jpg", "a.jpg"], "caption": ["One. Two.", "Three."],
+                          "subtexts": [["first", "second"], []]})
+    frame.to_parquet(tmp_path / "t.parquet")
+    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), Columns(subtexts="subtexts"),
+                            images_root=str(img), workers=1, progress=False)
+    assert manifest["samples"] == 2 and manifest["skipped"] == []
+    with tarfile.open(tmp_path / "out/shard-000000.tar") as tar:
+        records = [json.loads(tar.extractfile(f"00000000{i}.json").read()) for i in range(2)]
+    assert [r["subtexts"] for r in records] == [["first", "second"], ["Three"]]
+
+
 def test_table_errors_name_file_and_column(tmp_path):
     from make_dist.errors import UserError
 

@@ -32,7 +32,8 @@ def n_slots(k: int) -> int:
 def split_sentences(caption: str, k: int = DEFAULT_K) -> list[str]:
     """The caption's sentences: split at sentence ends, strip, drop empty
     pieces and each piece's final period, keep the first k. A caption with
-    no sentence end gives one subtext equal to the caption."""
+    no sentence end, or none left after that (".", say), gives one subtext
+    equal to the caption: every sample has at least one."""
     pieces = []
     for piece in _SENTENCE_END.split(caption.strip()):
         piece = piece.strip()
@@ -40,7 +41,7 @@ def split_sentences(caption: str, k: int = DEFAULT_K) -> list[str]:
             piece = piece[:-1].rstrip()
         if piece:
             pieces.append(piece)
-    return pieces[:k]
+    return pieces[:k] or [caption.strip()]
 
 
 def disease_text(path: str) -> str:
@@ -154,8 +155,7 @@ class Columns:
             found = [self._text(row, name, "subtext") for name in self.subtexts]
             subtexts = [s for s in found if s]
         elif self.subtexts:
-            cell = self._text(row, self.subtexts, "subtexts")
-            subtexts = _json_list(cell, self.subtexts) if cell else []
+            subtexts = self._list(row, self.subtexts)
         else:
             subtexts = []
         return subtexts[:k] if subtexts else split_sentences(caption, k)
@@ -173,6 +173,18 @@ class Columns:
             raise RowError(f"{what} (column {column!r}) holds bytes that are not valid UTF-8")
         value = value.strip()
         return None if value.lower() in self.missing else value
+
+    def _list(self, row: dict[str, Any], column: str) -> list[str]:
+        """A list of texts: a native list cell (Parquet) or a JSON list in a text cell (CSV)."""
+        value = row.get(column)
+        if hasattr(value, "tolist") and not isinstance(value, str):  # numpy array: a Parquet list column
+            value = value.tolist()
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, str) or v is None for v in value):
+                raise RowError(f"subtexts (column {column!r}) is not a list of texts")
+            return [v.strip() for v in value if v and v.strip() and v.strip().lower() not in self.missing]
+        cell = self._text(row, column, "subtexts")
+        return _json_list(cell, column) if cell else []
 
 
 def _json_list(cell: str, column: str) -> list[str]:

@@ -235,6 +235,20 @@ def _manifest(fs, root: str, out: str, table: str, n_shards: int, shard_size: in
     return manifest
 
 
+def read_manifest(url: str) -> dict:
+    """The manifest.json that `write_shards` leaves beside its shards."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise UserError(f"shards manifest not found: {url}") from None
+    except ValueError as e:
+        raise UserError(f"{url}: not a valid manifest.json: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise UserError(f"{url}: not a shards manifest (no list of shards)")
+    return manifest
+
+
 def _write_json(fs, path: str, data: dict) -> None:
     tmp = path.rsplit("/", 1)
     tmp = f"{tmp[0]}/.tmp-{tmp[1]}"

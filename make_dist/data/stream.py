@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .schema import DEFAULT_K, Sample, n_slots
-from .shards import MANIFEST
+from .shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -49,13 +49,8 @@ def shard_urls(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
     urls = []
     for s in specs:
         if s.endswith(MANIFEST):
-            try:
-                with fsspec.open(s, "rb") as f:
-                    manifest = json.loads(f.read())
-            except FileNotFoundError:
-                raise UserError(f"shards manifest not found: {s}") from None
             base = s[: -len(MANIFEST)]
-            urls += [base + name for name in manifest["shards"]]
+            urls += [base + name for name in read_manifest(s)["shards"]]
         else:
             urls += list(braceexpand.braceexpand(s))
     if not urls:

@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 
 
+def rank_of(scores: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's match among its columns, highest score first.
+
+    A tie goes against the match: a column scoring the same ranks above it
+    when its index is lower (a stable sort's order). Ties never count in the
+    model's favour, and a model that scores everything alike ranks each match
+    at its own index: chance level, not perfection."""
+    target = scores.gather(1, match[:, None])
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    tied_before = (scores == target) & (columns[None, :] < match[:, None])
+    return (scores > target).sum(1) + tied_before.sum(1)
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose true class is among the k highest scores."""
-    k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    return (top == labels[:, None]).any(1).float().mean().item()
+    """Fraction of rows whose true class ranks among the first k (ties: `rank_of`)."""
+    return (rank_of(scores, labels) < k).float().mean().item()
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -37,11 +48,9 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, classes: int
 
 def recall_at_k(similarity: torch.Tensor, k: int) -> float:
     """Rows are queries whose match is the column of the same index: the
-    fraction whose match ranks among the top k."""
-    k = min(k, similarity.shape[1])
-    correct = similarity.diagonal()
-    rank = (similarity > correct[:, None]).sum(1)  # how many beat the match
-    return (rank < k).float().mean().item()
+    fraction whose match ranks among the first k (ties: `rank_of`)."""
+    match = torch.arange(similarity.shape[0], device=similarity.device)
+    return (rank_of(similarity, match) < k).float().mean().item()
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:

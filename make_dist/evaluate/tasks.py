@@ -19,6 +19,7 @@ from PIL import Image
 from ..data.shards import resolve, table_rows
 from ..data.stream import image_transform
 from ..errors import UserError
+from ..model import token_lengths
 from . import metrics
 from .prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
 
@@ -93,12 +94,14 @@ def encode_images(model, paths: list[str], images_root: str | None, batch_size: 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised embeddings of texts, each batch cut to its longest real text
+    (the training rule, `token_lengths`: equal to the full-context encoding)."""
     device, _ = _device_dtype(model)
     out = []
     for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        length = max(int((tokens != 0).sum(1).max()), 1)
-        out.append(model.encode_text(tokens[:, :length]).float())
+        tokens = tokenizer(texts[start:start + batch_size])
+        length = max(int(token_lengths(tokens).max()), 1)
+        out.append(model.encode_text(tokens[:, :length].to(device)).float())
     return torch.cat(out)
 
 
@@ -145,7 +148,7 @@ def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images
     images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
     prototypes = torch.stack([_prompt_mean(model, tokenizer, [t.format(n) for t in CLASS_TEMPLATES
                                                               for n in [name, *classes[name]]]) for name in names])
-    scores = images @ prototypes.T
+    scores = images @ prototypes.T  # cosines: the ranking of classes
     labels = torch.tensor([names.index(str(rows[i][label_column])) for i in scored.tolist()])
     predicted = scores.argmax(1)
     result = TaskResult("classify", len(rows), len(scored), skipped, {
@@ -154,7 +157,9 @@ def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images
         "chance_top1": 1 / len(names),
     }, {"classes": names, "confusion": metrics.confusion_matrix(predicted, labels, len(names))})
     if len(names) <= 50:  # one-vs-rest AUROC means little over hundreds of classes
-        result.metrics["macro_auroc"] = metrics.macro_auroc(scores.softmax(1), labels)
+        # class probabilities at the model's learned temperature, as concept annotation
+        probabilities = (model.scale().float().detach().cpu() * scores.cpu()).softmax(1)
+        result.metrics["macro_auroc"] = metrics.macro_auroc(probabilities, labels)
     return result
 
 

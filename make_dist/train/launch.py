@@ -9,12 +9,14 @@ from its latest checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
 import fsspec
 
 from ..config import Config
+from ..data.shards import MANIFEST, read_manifest
 from ..data.stream import shard_urls
 from ..errors import UserError
 from .tracking import RunTracker, tracking_uri
@@ -52,9 +54,40 @@ def check(cfg: Config) -> Config:
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     if not urls[0].startswith("pipe:") and not _exists(urls[0]):
         raise UserError(f"data.train_shards: {urls[0]} does not exist")
+    cfg = with_shards_manifest(cfg)
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
+
+
+def with_shards_manifest(cfg: Config) -> Config:
+    """What the shards' manifest decides: train.steps from train.epochs, and
+    whether the shards hold the K sentences data.subtexts asks for."""
+    shards = cfg.data.train_shards
+    manifest = read_manifest(shards) if shards and shards.endswith(MANIFEST) else None
+    if manifest is None:
+        if cfg.train.epochs is not None:
+            raise UserError(f"train.epochs = {cfg.train.epochs}: needs data.train_shards to name a {MANIFEST} "
+                            f"(written by `make-dist shards`), which counts the samples; got {shards!r}. "
+                            f"Set train.steps instead.")
+        return cfg
+    written_k = manifest.get("subtexts")
+    if written_k is not None and written_k < cfg.data.subtexts:
+        raise UserError(f"data.subtexts = {cfg.data.subtexts}, but the shards at {shards} were written with "
+                        f"--subtexts {written_k}: their captions keep at most {written_k} sentences. Set "
+                        f"data.subtexts={written_k}, or write the shards again with --subtexts {cfg.data.subtexts}.")
+    if cfg.train.epochs is None:
+        return cfg
+    samples = int(manifest.get("samples") or 0)
+    if samples <= 0:
+        raise UserError(f"train.epochs: the manifest {shards} counts no samples")
+    steps = steps_for_epochs(cfg.train.epochs, samples, cfg.data.batch_size * cfg.train.workers)
+    return replace(cfg, train=replace(cfg.train, steps=steps))
+
+
+def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimiser steps of `epochs` passes over `samples` at `global_batch` a step (the last one may be short)."""
+    return max(1, math.ceil(epochs * samples / global_batch - 1e-9))  # 1e-9: float noise of an exact division
 
 
 def _exists(url: str) -> bool:

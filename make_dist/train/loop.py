@@ -23,7 +23,7 @@ import torch
 from ..config import Config, from_dict
 from ..data.stream import StreamConfig, make_loader, shard_urls
 from ..model import MakeModel, build_model, export_open_clip, token_lengths, tokenizer
-from ..objective import make_loss, slots_read
+from ..objective import batch_sizes, make_loss, slots_read
 from . import engine as ds
 from .prefetch import prefetch
 from .tracking import StepLogger
@@ -78,13 +78,15 @@ def setup(cfg: Config) -> Worker:
 
 
 def batches(w: Worker):
-    """The rank's batches until the run's last step.
+    """The rank's batches until the run's last step, each with `rows_per_rank`
+    (every rank's batch size, which the loss's gather needs).
 
     Resampled (the default): shards drawn at random, with a seed from the step
     the run (re)starts at, so a resumed run continues with fresh draws; every
-    rank gets the same number of batches. In order (data.resampled = false):
-    each rank reads its share of the shards epoch after epoch, and an epoch
-    ends for every rank as soon as one rank runs out.
+    rank gets the same number of full batches. In order (data.resampled =
+    false): each rank reads its share of the shards epoch after epoch; a
+    rank's last batch of an epoch may be short, and an epoch ends for every
+    rank as soon as one rank runs out.
     """
     cfg = w.cfg
     loader_workers = max(1, cfg.data.num_workers)
@@ -104,18 +106,21 @@ def batches(w: Worker):
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
     tok = tokenizer(cfg.model)
-    if cfg.data.resampled:
-        yield from make_loader(stream, tok)
+    if cfg.data.resampled:  # full batches everywhere: the sizes are known without asking
+        full = [cfg.data.batch_size] * w.world
+        for batch in make_loader(stream, tok):
+            yield {**batch, "rows_per_rank": full}
         return
     while True:
         produced = 0
         epoch = iter(make_loader(stream, tok))
         while True:
             batch = next(epoch, None)
-            if not _all_ranks(batch is not None, w):
+            sizes = batch_sizes(len(batch["keys"]) if batch is not None else 0, w.device, w.world)
+            if 0 in sizes:
                 break
             produced += 1
-            yield batch
+            yield {**batch, "rows_per_rank": sizes}
         if produced == 0:
             raise RuntimeError("an epoch of data.train_shards gave no batch on some rank: too few shards "
                                "or samples for data.batch_size on every rank")
@@ -145,7 +150,8 @@ def train_step(w: Worker, batch: dict) -> dict[str, torch.Tensor] | None:
     cfg, engine = w.cfg, w.engine
     out = engine(batch["image"], batch["tokens"], batch["mask"], batch["lengths"])
     terms = make_loss(out["image"], out["patches"], out["texts"], batch["mask"], out["scale"], lam=cfg.loss.lam,
-                      sigma=cfg.loss.sigma, backend=cfg.loss.backend, **cfg.loss.switches())
+                      sigma=cfg.loss.sigma, backend=cfg.loss.backend, rows_per_rank=batch.get("rows_per_rank"),
+                      **cfg.loss.switches())
     if not torch.isfinite(terms["total"]).item():
         return None
     engine.backward(terms["total"])
@@ -258,8 +264,10 @@ def train_worker(loop_config: dict) -> None:
         step += 1
         step_time = time.perf_counter() - step_start
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            samples = sum(batch["rows_per_rank"])
             log_step(w, log, step, result, {
-                "samples_per_s": cfg.data.batch_size * w.world / max(step_time + data_wait, 1e-9),
+                "samples": samples,  # the global batch; short at the end of an epoch read in order
+                "samples_per_s": samples / max(step_time + data_wait, 1e-9),
                 "data_wait_s": data_wait,
                 "skipped_samples": _sum_over_ranks(skipped, w),
             })
@@ -303,12 +311,3 @@ def _sum_over_ranks(count: torch.Tensor, w: Worker) -> float:
         count = count.to(w.device)
         torch.distributed.all_reduce(count)
     return float(count)
-
-
-def _all_ranks(flag: bool, w: Worker) -> bool:
-    """True when the flag holds on every rank (one tiny all-reduce)."""
-    if w.world == 1:
-        return flag
-    value = torch.tensor(int(flag), device=w.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value)
