@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test wheelhouse clean
 
-# requirements.lock pins every package of a venv seen working (NOTES.md).
+# requirements.lock pins every package of a venv seen working (docs/traps.md).
 $(BIN)/make-dist: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	# torch first and pinned, so no dependency pulls another torch build.
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The offline wheel set for a GPU host without internet (docs/gpu-hosts.md).
+wheelhouse: setup
+	$(BIN)/make-dist wheelhouse --out wheelhouse
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/data.py [--n 400] [--source-size 800] [--size 224] [--max-side 320]
 
-Both sides do the same work per sample: decode the image, the SPEC section 6
-training augmentation at --size px, and tokenise the sample's present texts
+Both sides do the same work per sample: decode the image, the paper's
+training augmentation (docs/spec.md, section 6) at --size px, and tokenise the sample's present texts
 (of N = K + 3 slots). The baseline (the authors' approach) opens each ~800 px
 source image from a folder through a CSV and tokenises in one plain call;
 make-dist reads tar shards written with images downscaled to --max-side,
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from make_dist.config import ModelConfig
-from make_dist.data.schema import Columns, load_columns
+from make_dist.config import DataConfig, ModelConfig
+from make_dist.data.schema import ColumnMap, load_column_map
 from make_dist.data.shards import write_shards
-from make_dist.data.stream import StreamConfig, image_transform, make_loader, shard_urls
+from make_dist.data.stream import image_transform, make_loader
 from make_dist.data.synth import synthesize
+from make_dist.files import open_image, read_bytes
 from make_dist.model import tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ class CsvPilDataset(torch.utils.data.Dataset):
     """The baseline: one row of a CSV per sample, the full-size image from disk,
     the sample's texts tokenised in one plain tokenizer call."""
 
-    def __init__(self, table: Path, images_root: Path, columns: Columns, tok, size: int, k: int = 8):
+    def __init__(self, table: Path, images_root: Path, columns: ColumnMap, tok, size: int, k: int = 8):
         with open(table, newline="") as f:
             self.rows = list(csv.DictReader(f))
         self.root, self.columns, self.tok, self.k = images_root, columns, tok, k
@@ -49,7 +49,7 @@ class CsvPilDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        image = self.transform(Image.open(self.root / row["image"]).convert("RGB"))
+        image = self.transform(open_image(read_bytes(str(self.root / row["image"]))).convert("RGB"))  # full decode
         slots = self.columns.sample(row).texts(self.k)
         tokens = torch.zeros(len(slots), 77, dtype=torch.long)
         present = [n for n, t in enumerate(slots) if t]
@@ -62,7 +62,7 @@ class CsvPilDataset(torch.utils.data.Dataset):
 def rate(loader, n_expected: int) -> float:
     start, n = time.perf_counter(), 0
     for batch in loader:
-        n += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch["keys"])
+        n += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
     elapsed = time.perf_counter() - start
     assert n >= n_expected * 0.9, (n, n_expected)
     return n / elapsed
@@ -82,7 +82,7 @@ def main() -> None:
     if not (work / "src/train.csv").exists():
         print(f"synthesising {args.n} images of {args.source_size} px in {work}/src ...")
         synthesize(work / "src", n=args.n, n_eval=1, size=args.source_size, seed=1, progress=False)
-    columns = load_columns(ROOT / "configs/columns/synthetic.yaml")
+    columns = load_column_map(ROOT / "configs/columns/synthetic.yaml")
     if not (work / "shards/manifest.json").exists():
         write_shards(str(work / "src/train.csv"), str(work / "shards"), columns, images_root=str(work / "src"),
                      shard_size=100, image_max_side=args.max_side, progress=False)
@@ -98,10 +98,10 @@ def main() -> None:
 
     def ours(workers: int) -> float:
         per_worker = max(1, args.n // 32 // max(1, workers))
-        cfg = StreamConfig(urls=shard_urls(str(work / "shards/manifest.json")), batch_size=32, image_size=args.size,
-                           train=True, resampled=True, batches_per_worker=per_worker, num_workers=workers,
-                           shuffle_buffer=200)
-        return rate(make_loader(cfg, tok), per_worker * max(1, workers) * 32)
+        data = DataConfig(train_shards=str(work / "shards/manifest.json"), batch_size=32, augment=True,
+                          resampled=True, num_workers=workers, shuffle_buffer=200)
+        loader = make_loader(data, tok, image_size=args.size, batches_per_worker=per_worker)
+        return rate(loader, per_worker * max(1, workers) * 32)
 
     ours(0)
     one = ours(0)

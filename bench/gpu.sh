@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks and times, in one device call (about 8-9
-# minutes on an H100, start and install not counted):
+# Everything a GPU session checks and times, in one call on the GPU host
+# (about 8-9 minutes on an H100, start and install not counted):
 #
-#   here, once:  bash ../shared/device/build-wheels.sh .whl     (.whl/ is git-ignored)
-#   device:      run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
+#   here, once:   make wheelhouse            (wheelhouse/ is git-ignored; docs/gpu-hosts.md)
+#   on the host:  bash bench/gpu.sh          (with wheelhouse/ copied beside it)
 #
 # 1. bench/kernels.py: the Triton kernels' correctness at real size, their time
 #    and memory against the dense loss (OUT/kernels.md);
@@ -14,8 +14,9 @@ set -uo pipefail
 out=${OUT:-/tmp/bench-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || { echo "install of .whl failed: carry .whl built by build-wheels.sh"; exit 1; }
+ls wheelhouse/*.whl >/dev/null 2>&1 || { echo "no wheelhouse/: build it with 'make wheelhouse' and bring it along"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheelhouse/*.whl \
+  && export PYTHONPATH=/tmp/site || { echo "installing wheelhouse/ failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 echo "cores: $(nproc)" | tee -a "$out/gpu.txt"
 timeout 120 python3 bench/kernels.py --out "$out/kernels.md" 2>&1 | tee "$out/kernels.log"

@@ -67,7 +67,7 @@ class Problem:
 
 
 def loss_and_grads(ops, pb: Problem, dtype, backward=True):
-    """What make_loss runs on one rank, with the other ranks' columns given."""
+    """What MakeLoss runs on one rank, with the other ranks' columns given."""
     image, texts, patches = (x.to(dtype, copy=True).requires_grad_() for x in (pb.image, pb.texts, pb.patches))
     scale = pb.scale.clone().requires_grad_()
     acc = torch.float32
@@ -81,7 +81,7 @@ def loss_and_grads(ops, pb: Problem, dtype, backward=True):
         images=cat(image, pb.other_images),
         texts=cat(texts.flatten(0, 1), pb.other_texts),
         text_valid=torch.cat([mask.reshape(-1), pb.other_valid]),
-        knowledge=cat(knowledge, pb.other_knowledge),  # float32, as make_loss keeps it
+        knowledge=cat(knowledge, pb.other_knowledge),  # float32, as MakeLoss keeps it
     )
     numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
     loss = (numerators / torch.stack([w_mkcl.sum(), w_mkcl.sum(), w_slra.sum()])).sum()

@@ -1,11 +1,9 @@
 """The full training step on one GPU: make-dist's step against the straightforward one.
 
-GPU host (torch and triton are there; the rest travels as wheels built here
-with `../shared/device/build-wheels.sh .whl`, carried as `.whl`); bench/gpu.sh
-does this and bench/kernels.py in one call:
+GPU host (torch and triton are there; the rest travels as the wheelhouse
+that `make wheelhouse` builds, docs/gpu-hosts.md); bench/gpu.sh installs it
+and runs this and bench/kernels.py in one call:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     python3 bench/step.py --out $OUT
 
 FLOP counts per sample on any machine: `.venv/bin/python bench/step.py --flops`.
@@ -14,14 +12,14 @@ CPU smoke run of the same code (tiny model, a few steps, kernels interpreted):
 
     TRITON_INTERPRET=1 .venv/bin/python bench/step.py --small
 
-1. Data: a synthetic set (SPEC's N = K + 3 = 11 slots, the generator's mix of
+1. Data: a synthetic set (N = K + 3 = 11 slots, the generator's mix of
    missing aspect texts, 1-8 sentences and caption lengths) written as
    WebDataset shards, read through the trainer's own loader into pinned host
    memory (--batches batches of each size, cycled).
 2. Every variant builds the trainer's engine from configs/paper.yaml (the
    paper's ViT-B/16 QuickGELU + text transformer, DeepSpeed ZeRO-2, bf16) with
    a few keys changed, from the same seed, and runs the trainer's own step
-   (`train_step` on `device_batches`, as `make-dist train` does): --warmup
+   (`train_step` on `prefetch`ed batches, as `make-dist train` does): --warmup
    steps, then --steps timed ones. Reported: samples/s, peak GPU memory
    (allocated), model FLOPs utilisation (make_dist.model's `train_flops` of
    the batches over the card's peak bf16 rate), and the loss of the first
@@ -45,7 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # The repository root first, and this folder off the path: bench/kernels.py
@@ -56,21 +54,25 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import torch  # noqa: E402
 
 from make_dist.config import load_config  # noqa: E402
-from make_dist.data.schema import load_columns  # noqa: E402
+from make_dist.data.schema import load_column_map  # noqa: E402
 from make_dist.data.shards import write_shards  # noqa: E402
-from make_dist.data.stream import StreamConfig, make_loader, shard_urls  # noqa: E402
+from make_dist.data.stream import Batch, make_loader  # noqa: E402
 from make_dist.data.synth import synthesize  # noqa: E402
+from make_dist.files import write_atomic  # noqa: E402
 from make_dist.model import build_model, tokenizer  # noqa: E402
+from make_dist.objective import MakeLoss  # noqa: E402
+from make_dist.progress import say  # noqa: E402
+from make_dist.slots import n_slots  # noqa: E402
 from make_dist.train import engine as ds  # noqa: E402
-from make_dist.train.loop import Worker, batches, device_batches, step_inputs, train_step  # noqa: E402
-from make_dist.train.prefetch import to_device  # noqa: E402
+from make_dist.train.loop import Worker, batches, train_step  # noqa: E402
+from make_dist.train.prefetch import prefetch  # noqa: E402
 
 # Peak dense bf16 tensor-core rates (vendor figures), for MFU; matched in order.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
              ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)]
 
-# The straightforward correct step (../shared/NOTES.md's reference): every slot
-# encoded at the full context, the dense loss, checkpointing, AdamW unfused.
+# The straightforward correct step (the reference figures of docs/BENCHMARKS.md):
+# every slot encoded at the full context, the dense loss, checkpointing, AdamW unfused.
 BASELINE = {"model.text_batching": "full", "loss.backend": "torch", "model.grad_checkpointing": True,
             "optim.fused": False}
 
@@ -139,28 +141,27 @@ def make_data(args, work: Path) -> str:
         t = time.perf_counter()
         synthesize(work / "synth", n=args.samples, n_eval=1, size=args.image_side, seed=0, progress=False)
         write_shards(str(work / "synth/train.csv"), str(work / "shards"),
-                     load_columns(ROOT / "configs/columns/synthetic.yaml"), images_root=str(work / "synth"),
+                     load_column_map(ROOT / "configs/columns/synthetic.yaml"), images_root=str(work / "synth"),
                      shard_size=256, progress=False)
         say(f"data: {args.samples} synthetic samples at {args.image_side} px in shards ({time.perf_counter() - t:.0f} s)")
     return str(work / "shards/manifest.json")
 
 
 def loader(cfg, model, manifest: str, batch_size: int, n: int, workers: int, seed: int):
-    """The trainer's loader (augmented, tokenised) over the shards: n batches per worker."""
-    stream = StreamConfig(urls=shard_urls(manifest), batch_size=batch_size, image_size=model.image_size,
-                          k=cfg.data.subtexts, resampled=True, batches_per_worker=n, num_workers=workers, seed=seed)
-    return make_loader(stream, tokenizer(cfg.model))
+    """The trainer's loader (augmented, tokenised as the loss reads) over the shards: n batches per worker."""
+    data = replace(cfg.data, train_shards=manifest, batch_size=batch_size, num_workers=workers, resampled=True)
+    read = MakeLoss.from_config(cfg.loss).slots_read(n_slots(cfg.data.subtexts))
+    return make_loader(data, tokenizer(cfg.model), image_size=model.image_size, read=read, seed=seed,
+                       batches_per_worker=n)
 
 
-def memory_batches(cfg, model, manifest: str, batch_size: int, n: int, workers: int) -> list[dict]:
+def memory_batches(cfg, model, manifest: str, batch_size: int, n: int, workers: int) -> list[Batch]:
     """n batches from the loader, held in (pinned) host memory. No more workers
     than batches, each making only its share: nothing is made to be dropped."""
     workers = min(workers, n)
     per_worker = -(-n // workers)
     out = list(itertools.islice(loader(cfg, model, manifest, batch_size, per_worker, workers, seed=1), n))
-    if torch.cuda.is_available():
-        out = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in out]
-    return out
+    return [b.pin_memory() for b in out] if torch.cuda.is_available() else out
 
 
 def loader_rate(cfg, model, manifest: str, batch_size: int, workers: int, n_batches: int) -> float:
@@ -170,33 +171,29 @@ def loader_rate(cfg, model, manifest: str, batch_size: int, workers: int, n_batc
         next(batches_)
     start, n = time.perf_counter(), 0
     for b in batches_:
-        n += len(b["keys"])
+        n += len(b)
     return n / (time.perf_counter() - start)
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------
 # One variant
 
 
-def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[dict]]) -> dict:
+def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[Batch]]) -> dict:
     cfg = load_config(ROOT / "configs/paper.yaml", sets + [f"data.batch_size={v.batch}"] +
                       [f"{k}={json.dumps(x) if isinstance(x, bool) else x}" for k, x in v.sets.items()])
     device = torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)  # the same initial weights in every variant
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, text_batching=cfg.text_batching())
     engine = ds.build_engine(model, cfg, world=1)
-    w = Worker(cfg, 0, 1, device, engine, model, 0, 0)
+    w = Worker(cfg, 0, 1, device, engine, model, MakeLoss.from_config(cfg.loss), 0, 0)
 
     host = batches(w) if v.loader else itertools.cycle(data[v.batch])
     if v.prefetch:
-        stream = device_batches(w, host)
+        stream = prefetch(host, device)
     else:  # copied on the compute stream when the step starts
-        stream = (to_device(step_inputs(w, b), device) for b in host)
-    flops = sum(model.train_flops(v.batch, step_inputs(w, b)["lengths"]) for b in data[v.batch]) / len(data[v.batch])
+        stream = (b.to(device) for b in host)
+    flops = sum(model.train_flops(v.batch, b.lengths) for b in data[v.batch]) / len(data[v.batch])
 
     with math_attention() if v.math_attention else contextlib.nullcontext():
         synchronize(args)
@@ -274,35 +271,30 @@ def write_report(out: Path, results: list[dict], facts: dict) -> None:
     for key in ("loader", "notes"):
         if facts.get(key):
             lines += ["", *facts[key]]
-    tmp = out / ".step.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "step.md")
-    (out / ".step.json.tmp").write_text(json.dumps({"facts": facts, "results": results}, indent=1))
-    os.replace(out / ".step.json.tmp", out / "step.json")
+    write_atomic(str(out / "step.md"), "\n".join(lines) + "\n")
+    write_atomic(str(out / "step.json"), json.dumps({"facts": facts, "results": results}, indent=1))
 
 
-def flop_table(model, cfg, batches: list[dict], rate: float, peak: float) -> list[str]:
+def flop_table(model, batches: list[Batch], rate: float, peak: float) -> list[str]:
     """Per-sample FLOPs of a step (3 forwards) on these batches: the model FLOPs
     (texts at their real lengths), and what each text batching computes with
     its padding. Needs no GPU."""
-    w = Worker(cfg, 0, 1, torch.device("cpu"), None, model, 0, 0)
-    n = sum(len(b["keys"]) for b in batches)
+    n = sum(len(b) for b in batches)
     image = model.train_flops(n, torch.zeros(1)) / n
 
     def texts(cut) -> float:
-        return sum(model.train_flops(0, cut(step_inputs(w, b))) for b in batches) / n
+        return sum(model.train_flops(0, cut(b)) for b in batches) / n
 
     context = model.context_length
-    real = texts(lambda x: x["lengths"])
+    real = texts(lambda b: b.lengths)
     padded = {
-        "full (every slot at 77 tokens)": texts(lambda x: torch.full(x["mask"].shape, context)),
-        "longest (valid texts cut to the batch's longest)": texts(
-            lambda x: x["mask"] * int(x["lengths"].max())),
+        "full (every slot at 77 tokens)": texts(lambda b: torch.full(b.mask.shape, context)),
+        "longest (valid texts cut to the batch's longest)": texts(lambda b: b.mask * int(b.lengths.max())),
     }
     for bucket in (32, 16, 8):
         padded[f"buckets (valid texts cut to multiples of {bucket})"] = texts(
-            lambda x, bucket=bucket: ((x["lengths"] + bucket - 1) // bucket * bucket).clamp(max=context) * x["mask"])
-    lines = [f"FLOPs per sample of a training step (forward + backward), batch {len(batches[0]['keys'])}, "
+            lambda b, bucket=bucket: ((b.lengths + bucket - 1) // bucket * bucket).clamp(max=context) * b.mask)
+    lines = [f"FLOPs per sample of a training step (forward + backward), batch {len(batches[0])}, "
              f"{len(batches)} batches:", "",
              "| text batching | image tower GFLOP | text tower GFLOP | step GFLOP | vs model FLOPs |",
              "|---|---|---|---|---|",
@@ -320,7 +312,7 @@ def _num(x: float, spec: str) -> str:
     return "-" if x != x else format(x, spec)  # NaN: not measured here
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="folder for step.md and step.json (default: print only)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, tiny batches, 2 variants")
@@ -354,71 +346,86 @@ def main() -> None:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.precision = "bf16" if args.gpu else "fp32"
-    cores = os.cpu_count() or 1
-    args.loader_workers = max(1, min(cores - 2, 16)) if not args.small else 1
-    loader = args.gpu if args.loader is None else args.loader
+    args.cores = os.cpu_count() or 1
+    args.loader_workers = max(1, min(args.cores - 2, 16)) if not args.small else 1
+    args.loader = args.gpu if args.loader is None else args.loader
+    return args
 
+
+def chosen_variants(args) -> list[Variant]:
+    chosen = variants(args.batch, args.large, args.loader)
+    if args.only:
+        return [chosen[int(i) - 1] for i in args.only.split(",")]
+    if args.small:  # baseline, make-dist, the large batch (and the loader)
+        return [v for i, v in enumerate(chosen) if i in (0, 1, 9) or v.loader]
+    return chosen
+
+
+def run_facts(args, batches_: list[Batch]) -> dict:
+    """What the report says about the run: card, versions, command, the texts of the data."""
+    import deepspeed
+    import triton
+
+    lengths = torch.cat([b.lengths[b.mask] for b in batches_]).float()
+    per_sample = sum(int(b.mask.sum()) for b in batches_) / sum(len(b) for b in batches_)
+    return {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "deepspeed": deepspeed.__version__,
+            "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
+            "command": " ".join(["python", *sys.argv]), "cores": args.cores,
+            "notes": [f"texts per sample {per_sample:.2f} (of 11 slots); real tokens per text mean "
+                      f"{lengths.mean():.1f}, max {lengths.max():.0f}"]}
+
+
+def run_one(v: Variant, args, sets: list[str], data: dict[int, list[Batch]]) -> dict:
+    """One variant's row; a failure is recorded and the bench goes on."""
+    try:
+        r = run_variant(v, args, sets, data)
+        say(f"    {r['samples_per_s']:.1f} samples/s, peak {_num(r['peak_gib'], '.1f')} GiB, "
+            f"MFU {_num(r['mfu'], '.1%')}, first loss {_num(r['first_loss'], '.4f')} (warm-up {r['warmup_s']:.0f} s)")
+    except torch.OutOfMemoryError:
+        r = {"variant": v.name, "batch": v.batch, "error": "out of memory"}
+        say("    out of memory")
+    except Exception as e:  # one broken lever must not cost the other measurements
+        traceback.print_exc()
+        r = {"variant": v.name, "batch": v.batch, "error": f"failed: {type(e).__name__}: {str(e)[:160]}"}
+    gc.collect()  # after the except block, which held the failed variant's frames
+    if args.gpu:
+        torch.cuda.empty_cache()
+    return r
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench-step-"))
     init_process_group(args.gpu)
-    manifest = make_data(args, work)
+    manifest = make_data(args, Path(args.work or tempfile.mkdtemp(prefix="bench-step-")))
     sets = base_config(args, manifest)
     cfg = load_config(ROOT / "configs/paper.yaml", sets)
+    model = build_model(cfg.model)  # its image size and tokenizer, for the loader
 
     if args.flops:  # count only: the FLOP table of --batches batches
-        model = build_model(cfg.model)
         data = memory_batches(cfg, model, manifest, args.batch, args.batches, args.loader_workers)
-        say("\n".join(flop_table(model, cfg, data, rate=1500, peak=args.peak_tflops * 1e12 if args.peak_tflops
+        say("\n".join(flop_table(model, data, rate=1500, peak=args.peak_tflops * 1e12 if args.peak_tflops
                                   else 989e12)))
         return
-    chosen = variants(args.batch, args.large, loader)
-    if args.only:
-        chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
-    elif args.small:  # baseline, make-dist, the large batch (and the loader)
-        chosen = [v for i, v in enumerate(chosen) if i in (0, 1, 9) or v.loader]
+    chosen = chosen_variants(args)
     t = time.perf_counter()
-    model = build_model(cfg.model)  # its image size, normalisation and tokenizer, for the loader
     data = {b: memory_batches(cfg, model, manifest, b, args.batches, args.loader_workers)
             for b in sorted({v.batch for v in chosen})}
     say(f"batches in memory: {', '.join(f'{len(v)} x {b}' for b, v in data.items())} "
         f"({time.perf_counter() - t:.0f} s)")
-
-    import deepspeed
-    import triton
-
-    facts = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.gpu else "cpu",
-             "torch": torch.__version__, "triton": triton.__version__, "deepspeed": deepspeed.__version__,
-             "model": args.model, "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
-             "command": " ".join(["python", *sys.argv]), "cores": cores}
-    host_only = Worker(cfg, 0, 1, torch.device("cpu"), None, model, 0, 0)  # enough for step_inputs
-    texts = [step_inputs(host_only, b) for b in data[min(data)]]
-    lengths = torch.cat([t["lengths"][t["mask"]] for t in texts]).float()
-    facts["notes"] = [f"texts per sample {sum(int(t['mask'].sum()) for t in texts) / sum(len(t['keys']) for t in texts):.2f} "
-                      f"(of 11 slots); real tokens per text mean {lengths.mean():.1f}, max {lengths.max():.0f}"]
-    results = []
-    if loader:
+    facts = run_facts(args, data[min(data)])
+    if args.loader:
         rate = loader_rate(cfg, model, manifest, args.batch, args.loader_workers, n_batches=4)
         facts["loader"] = [f"loader alone: {rate:.0f} samples/s with {args.loader_workers} workers on "
-                           f"{cores} cores ({rate / args.loader_workers:.0f} per worker), batch {args.batch}"]
+                           f"{args.cores} cores ({rate / args.loader_workers:.0f} per worker), batch {args.batch}"]
         say(facts["loader"][0])
+    results = []
     for i, v in enumerate(chosen, 1):
         say(f"[{i}/{len(chosen)}] {v.name} (batch {v.batch}) ...")
-        try:
-            r = run_variant(v, args, sets, data)
-            say(f"    {r['samples_per_s']:.1f} samples/s, peak {_num(r['peak_gib'], '.1f')} GiB, "
-                f"MFU {_num(r['mfu'], '.1%')}, first loss {_num(r['first_loss'], '.4f')} (warm-up {r['warmup_s']:.0f} s)")
-        except torch.OutOfMemoryError:
-            r = {"variant": v.name, "batch": v.batch, "error": "out of memory"}
-            say("    out of memory")
-        except Exception as e:  # one broken lever must not cost the other measurements
-            traceback.print_exc()
-            r = {"variant": v.name, "batch": v.batch, "error": f"failed: {type(e).__name__}: {str(e)[:160]}"}
-        gc.collect()  # after the except block, which held the failed variant's frames
-        if args.gpu:
-            torch.cuda.empty_cache()
-        results.append(r)
+        results.append(run_one(v, args, sets, data))
         if out:
             write_report(out, results, facts)
     if out:

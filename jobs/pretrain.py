@@ -1,4 +1,4 @@
-"""Pre-train MAKE: setup -> fit (-> validate, once evaluation lands).
+"""Pre-train MAKE: check -> fit -> evaluate (the held-out tables of the config's `evaluation`).
 
     python jobs/pretrain.py --config configs/tiny.yaml [--set section.key=value ...]
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\

@@ -1,4 +1,4 @@
-"""Triton kernels of the MAKE objective (SPEC section 4), forward and backward.
+"""Triton kernels of the MAKE objective (docs/spec.md, section 4), forward and backward.
 
 - `column_logsumexp(rows, cols, col_valid, scale)`: the fused multi-positive
   contrastive log-sum-exp (kernels/contrastive.py);

@@ -1,4 +1,4 @@
-"""Fused multi-positive contrastive log-sum-exp (SPEC section 4, kernel 1).
+"""Fused multi-positive contrastive log-sum-exp (docs/spec.md, section 4, kernel 1).
 
     lse[r] = log sum over valid columns c of exp(scale * rows[r] . cols[c])
 

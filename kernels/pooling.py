@@ -1,4 +1,4 @@
-"""Similarity-weighted patch pooling (SPEC section 4, kernel 2; Eq. 5).
+"""Similarity-weighted patch pooling (docs/spec.md, section 4, kernel 2; Eq. 5).
 
     r_q = t . p_q,  z_q = r_q [r_q >= sigma],  u = sum_q z_q p_q,  e = u / max(|u|, eps)
 

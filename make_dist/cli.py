@@ -1,13 +1,14 @@
 """`make-dist`: the command line. Each subcommand is a small function that
-parses its config once and hands over to the library."""
+parses its config once and hands over to the library. Each imports what it
+needs when it runs, so `make-dist config` does not wait for torch and Ray."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .config import ConfigError, dump_config, load_config
-from .errors import UserError
+from .config import TASKS, dump_config, load_config
+from .errors import ConfigError, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,8 +22,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_config(args) -> int:
     """Check a config and print it resolved, defaults and overrides applied (and,
     with train.epochs, the step count the shards' manifest gives)."""
-    from .data.shards import read_manifest
-    from .train.launch import with_shards_manifest
+    from .data.shards import read_manifest, with_shards_manifest
 
     config = load_config(args.config, args.overrides)
     epochs = config.train.epochs
@@ -71,10 +71,10 @@ def cmd_synth(args) -> int:
 
 def cmd_shards(args) -> int:
     """Turn a CSV or Parquet table of images and captions into WebDataset shards."""
-    from .data.schema import load_columns
+    from .data.schema import load_column_map
     from .data.shards import write_shards
 
-    columns = load_columns(args.columns)
+    columns = load_column_map(args.columns)
     write_shards(args.table, args.out, columns, images_root=args.images_root, shard_size=args.shard_size,
                  image_max_side=args.image_max_side, k=args.subtexts, workers=args.workers)
     return 0
@@ -86,8 +86,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.overrides)
     result = fit(config)
-    print(f"make-dist: trained {config.train.steps} steps; run folder {result.run_dir}, "
-          f"MLflow run {result.run_id} ({result.tracking_uri})")
+    print(f"make-dist: trained; run folder {result.run_dir}, MLflow run {result.run.id} ({result.run.uri})")
     return 0
 
 
@@ -103,9 +102,10 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """Zero-shot classification, concept annotation or retrieval of a model on a table."""
     from .config import ModelConfig
-    from .evaluate.report import log_mlflow, table, write_json
+    from .evaluate.report import log_results, table, write_json
     from .evaluate.tasks import run_task
     from .model import build_model, tokenizer
+    from .tracking import Run, tracking_uri
 
     model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
     model = build_model(model_cfg)
@@ -119,8 +119,12 @@ def cmd_eval(args) -> int:
         write_json(args.out, {args.model: results})
         print(f"results written to {args.out}")
     if not args.no_mlflow:
-        run_id = log_mlflow(results, args.tracking_uri, args.run_id, run_name=f"eval {args.model}")
-        print(f"MLflow run {run_id}")
+        uri = tracking_uri(args.tracking_uri)
+        run = Run(uri, args.run_id) if args.run_id else Run.create(uri, "make-dist-eval", f"eval {args.model}")
+        log_results(run, results)
+        if not args.run_id:
+            run.finish()
+        print(f"MLflow run {run.id}")
     return 0
 
 
@@ -130,6 +134,14 @@ def cmd_sweep(args) -> int:
 
     sweep, base = load_sweep(args.config, args.overrides)
     run_sweep(sweep, base)
+    return 0
+
+
+def cmd_wheelhouse(args) -> int:
+    """The offline wheel set: what a GPU host with Python and a CUDA torch lacks, and make-dist itself."""
+    from .wheelhouse import PLATFORMS, build
+
+    build(args.out, python=args.python, platforms=tuple(args.platform or PLATFORMS), also=tuple(args.also))
     return 0
 
 
@@ -174,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="an exported model folder, an open_clip name (ViT-B-16) or a config .json")
     p.add_argument("--weights", help="a checkpoint file or an open_clip pretrained tag for --model")
-    p.add_argument("--task", required=True, choices=("classify", "concepts", "retrieval"))
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--table", required=True, help="CSV or Parquet: image + label | concept 0/1 columns | caption")
     p.add_argument("--images-root", help="folder or URL that relative image paths are under")
     p.add_argument("--classes", help="classify: YAML of class names (and synonyms) the labels use")
@@ -206,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtexts", type=int, default=8, metavar="K", help="at most K sentences per caption")
     p.add_argument("--workers", type=int, default=None, help="processes for image work (default: one per core)")
     p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("wheelhouse", help="the offline wheel set for a GPU host without internet",
+                       description=cmd_wheelhouse.__doc__)
+    p.add_argument("--out", default="wheelhouse", help="folder for the wheels (default: wheelhouse)")
+    p.add_argument("--python", default="3.12", help="the host's Python version (default: 3.12)")
+    p.add_argument("--platform", action="append", metavar="TAG",
+                   help="the host's platform tags (default: manylinux x86_64; repeatable)")
+    p.add_argument("--also", action="append", default=[], metavar="NAME",
+                   help="one more package the host lacks, at the lock's version (repeatable)")
+    p.set_defaults(func=cmd_wheelhouse)
     return parser
 
 

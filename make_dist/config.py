@@ -9,7 +9,6 @@ key and the file, before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +16,14 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import ConfigError
+from .typed import build_section, read_yaml
 
-
+# The choices of the keys below that take one of a few values.
 TEXT_BATCHING = ("buckets", "longest", "full")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration that cannot be used; the message names the key and file."""
+BACKENDS = ("torch", "triton", "auto")
+TASKS = ("classify", "concepts", "retrieval")  # the zero-shot tasks (make_dist/evaluate/tasks.py)
+GRAD_CHECKPOINTING = (False, True, "image", "text")
 
 
 @dataclass
@@ -39,13 +38,14 @@ class ModelConfig:
     # towers), "image" or "text". Costs about a third more compute per tower:
     # use it only where the batch does not fit without.
     grad_checkpointing: bool | str = False
-    # How the valid text slots are batched through the text tower (SPEC 2's
-    # exactness rule: causal attention and EOT pooling make every choice give
-    # the same embeddings). "buckets": grouped by length, each group cut to its
-    # bucket's edge (a multiple of text_bucket); "longest": one group cut to the
-    # batch's longest text; "full": every slot, missing ones too, at the full
-    # context (the straightforward baseline). Under ZeRO-3, buckets become
-    # "longest": every rank must run the same passes (train/engine.py).
+    # How the valid text slots are batched through the text tower (the
+    # exactness rule of docs/spec.md, section 2: causal attention and EOT
+    # pooling make every choice give the same embeddings). "buckets": grouped
+    # by length, each group cut to its bucket's edge (a multiple of
+    # text_bucket); "longest": one group cut to the batch's longest text;
+    # "full": every slot, missing ones too, at the full context (the
+    # straightforward baseline). Under ZeRO-3 buckets become "longest"
+    # (Config.text_batching).
     text_batching: str = "buckets"
     text_bucket: int = 16
     # torch.compile each transformer block of both towers (compiled once,
@@ -54,7 +54,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(bool(self.name), "name", "must not be empty")
-        _require(self.grad_checkpointing in (False, True, "image", "text"), "grad_checkpointing",
+        _require(self.grad_checkpointing in GRAD_CHECKPOINTING, "grad_checkpointing",
                  "must be false, true, image or text")
         _require(self.text_batching in TEXT_BATCHING, "text_batching", f"must be one of {list(TEXT_BATCHING)}")
         _require(self.text_bucket >= 1, "text_bucket", "must be >= 1")
@@ -66,13 +66,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str | None = None  # WebDataset URL or brace pattern, any fsspec URL
+    # A manifest.json (written by `make-dist shards`), a WebDataset URL or brace
+    # pattern, or a list of them: any fsspec URL.
+    train_shards: str | list[str] | None = None
     batch_size: int = 32  # per rank
     num_workers: int = 2
     subtexts: int = 8  # K: at most K sentences per caption (N = K + 3 slots)
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
     shuffle_buffer: int = 1000  # samples per loader worker; 0: keep the shards' order
-    augment: bool = True  # SPEC section 6 augmentation; off: resize + centre crop
+    augment: bool = True  # the paper's augmentation (docs/spec.md, section 6); off: resize + centre crop
     # True: shards drawn at random by every rank, the same step count everywhere.
     # False: each rank reads its share of the shards in order, epoch after epoch
     # (reproducible; an epoch ends for all ranks when the first runs out).
@@ -87,20 +89,17 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    """The objective's settings (make_dist/objective.py builds MakeLoss from them)."""
+
     lam: float = 0.7  # weight of the fine-grained loss L_slra
     sigma: float = 0.0  # patch-relevance threshold of the knowledge pooling
     dkw: bool = True  # diagnosis-guided weights
     slra: bool = True  # fine-grained subtext-to-region loss
-    subtexts: bool = True  # subtexts (slots 3..) in L_mkcl
-    aspects: bool = True  # disease and concept texts (slots 1, 2) in L_mkcl; all four off: CLIP
-    backend: str = "auto"
-
-    def switches(self) -> dict[str, bool]:
-        return {"dkw": self.dkw, "slra": self.slra, "subtexts": self.subtexts, "aspects": self.aspects}
+    mkcl_subtexts: bool = True  # subtexts (slots 3..) in L_mkcl
+    mkcl_aspects: bool = True  # disease and concept texts (slots 1, 2) in L_mkcl; all four off: CLIP
+    backend: str = "auto"  # torch (dense), triton (fused kernels), auto (the kernels on CUDA)
 
     def validate(self) -> None:
-        from .objective import BACKENDS
-
         _require(self.lam >= 0, "lam", "must be >= 0")
         _require(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}")
 
@@ -181,8 +180,7 @@ class EvalConfig:
 
     def tables(self) -> dict[str, str]:
         """{task: table} of the tasks configured."""
-        tables = {"classify": self.classify_table, "concepts": self.concepts_table,
-                  "retrieval": self.retrieval_table}
+        tables = dict(zip(TASKS, (self.classify_table, self.concepts_table, self.retrieval_table)))
         return {task: table for task, table in tables.items() if table}
 
     def validate(self) -> None:
@@ -204,6 +202,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # -- ZeRO-3: what it rules out or changes, decided here -------------------
+
+    @property
+    def zero3(self) -> bool:
+        """Parameters sharded over ranks: each block's forward gathers its own
+        (a collective), and a full copy exists only inside a gather."""
+        return self.train.zero_stage == 3
+
+    def text_batching(self) -> str:
+        """The text batching the model runs: model.text_batching, except that
+        under ZeRO-3 length buckets become one pass cut to the longest text
+        (buckets differ between ranks, and every rank must run the same
+        passes of the text tower)."""
+        if self.zero3 and self.model.text_batching == "buckets":
+            return "longest"
+        return self.model.text_batching
+
     def flat(self) -> dict[str, Any]:
         """{"section.key": value}: the form experiment trackers log as params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
@@ -216,18 +231,7 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or the defaults), apply `a.b=value` overrides, check it."""
     source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{source}: cannot read config file: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    raw: dict[str, Any] = read_yaml(path, "config file") if path is not None else {}
     overridden = {_apply_override(raw, item) for item in overrides}
     _one_length(raw, source, overridden)
     return from_dict(raw, source, overridden)
@@ -273,7 +277,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] 
         except _Invalid as e:
             where_ = where(name, e.key)
             raise ConfigError(f"{where_}: {name}.{e.key} = {getattr(section, e.key)!r}: {e.why}") from None
-    if config.model.compile and config.train.zero_stage == 3:
+    if config.model.compile and config.zero3:
         raise ConfigError(f"{where('model', 'compile')}: model.compile = true does not work with "
                           f"train.zero_stage = 3 (its parameter-gathering hooks); use stage 0, 1 or 2")
     return config
@@ -294,70 +298,6 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     except yaml.YAMLError:
         section[parts[1]] = value
     return ".".join(parts)
-
-
-def build_section(cls, values: dict[str, Any], section: str, where):
-    """A dataclass from a mapping, each value checked against its type hint;
-    `where(section, key)` names the source in errors."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(
-                f"{where(section, key)}: unknown key {section}.{key} (known in {section}: {', '.join(hints)})"
-            )
-        try:
-            kwargs[key] = _coerce(value, hints[key])
-        except TypeError as e:
-            raise ConfigError(f"{where(section, key)}: {section}.{key} = {value!r}: {e}") from None
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """Check `value` against a type hint; widen int to float, lists to tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except TypeError as e:
-                errors.append(str(e))
-        raise TypeError(" or ".join(errors))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError("expected a list")
-        return [_coerce(v, args[0]) for v in value]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise TypeError(f"expected a list of {len(args)} values")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise TypeError("expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError("expected a number")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError("expected an integer")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise TypeError("expected true or false")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise TypeError("expected a string")
-        return value
-    raise TypeError(f"unsupported type {hint}")
 
 
 class _Invalid(Exception):

@@ -12,23 +12,20 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .data.schema import load_column_map
+from .data.shards import write_shards
+from .data.synth import synthesize
+from .train.launch import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
 # The CLIP baseline: every MAKE switch off, the raw caption alone.
-CLIP_SWITCHES = ["loss.dkw=false", "loss.slra=false", "loss.subtexts=false", "loss.aspects=false"]
+CLIP_SWITCHES = ["loss.dkw=false", "loss.slra=false", "loss.mkcl_subtexts=false", "loss.mkcl_aspects=false"]
 SHOWN = ("classify/top1", "classify/top5", "classify/macro_auroc", "concepts/mean_auroc",
          "retrieval/i2t_R10", "retrieval/t2i_R10", "retrieval/mean_recall")
 
 
 def run_demo(out: str = "demo", n: int = 2000, steps: int = 200, workers: int = 2) -> dict:
-    from mlflow.tracking import MlflowClient
-
-    from .data.schema import load_columns
-    from .data.shards import write_shards
-    from .data.synth import synthesize
-    from .train.launch import fit
-
     out_dir = Path(out).resolve()
     data = out_dir / "data"
     started = time.time()
@@ -36,7 +33,7 @@ def run_demo(out: str = "demo", n: int = 2000, steps: int = 200, workers: int = 
     synthesize(data, n=n, size=64, seed=0)
     print(f"[2/4] writing shards to {out_dir}/shards")
     manifest = write_shards(str(data / "train.csv"), str(out_dir / "shards"),
-                            load_columns(ROOT / "configs/columns/synthetic.yaml"),
+                            load_column_map(ROOT / "configs/columns/synthetic.yaml"),
                             images_root=str(data), shard_size=max(50, n // 20))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [
@@ -52,8 +49,7 @@ def run_demo(out: str = "demo", n: int = 2000, steps: int = 200, workers: int = 
               f"{steps} steps, then zero-shot evaluation")
         cfg = load_config(CONFIG, common + extra + [f"train.name=demo-{stamp}-{label.split()[0].lower()}"])
         runs[label] = fit(cfg)
-    client = MlflowClient(runs["MAKE"].tracking_uri)
-    scores = {label: client.get_run(r.run_id).data.metrics for label, r in runs.items()}
+    scores = {label: r.run.metrics() for label, r in runs.items()}
     minutes = (time.time() - started) / 60
     chance = scores["MAKE"].get("eval/classify/chance_top1", float("nan"))
     make_top1 = scores["MAKE"].get("eval/classify/top1", float("nan"))
@@ -69,6 +65,6 @@ def run_demo(out: str = "demo", n: int = 2000, steps: int = 200, workers: int = 
                                         for v, w in zip(values, (8, 15))))
     print(f"  classification chance top-1 is {chance:.3f}; MAKE reaches {make_top1 / chance:.1f}x chance")
     for label, r in runs.items():
-        print(f"  {label}: model {r.run_dir}/model, MLflow run {r.run_id}")
-    print(f"  MLflow: mlflow ui --backend-store-uri {runs['MAKE'].tracking_uri}")
+        print(f"  {label}: model {r.run_dir}/model, MLflow run {r.run.id}")
+    print(f"  MLflow: mlflow ui --backend-store-uri {runs['MAKE'].run.uri}")
     return {"minutes": minutes, "scores": scores, "runs": {k: v.run_dir for k, v in runs.items()}}

@@ -4,3 +4,7 @@
 class UserError(Exception):
     """A problem in what the user asked for (a config, a file, a model name);
     the message says what is wrong and where."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be used; the message names the key and file."""

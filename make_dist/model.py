@@ -1,4 +1,4 @@
-"""The encoders: open_clip's image and text towers, read for MAKE (SPEC section 2).
+"""The encoders: open_clip's image and text towers, read for MAKE (docs/spec.md, section 2).
 
     images (B, 3, H, W)  -> image (B, D), patches (B, P, D)
     tokens (B, N, 77), mask (B, N) -> texts (B, N, D)
@@ -6,7 +6,7 @@
 Every output is L2-normalised. Only the valid text slots are encoded, grouped
 by length, each group with its context cut to a bucket edge at or above its
 longest real token sequence: causal attention and EOT pooling make that
-identical to the full-length encoding (SPEC section 2), and a sample's short
+identical to the full-length encoding, and a sample's short
 sentences no longer pay for the batch's longest caption. Images come as
 uint8 (the loader's) and are normalised here, on the device. The logit
 scale is a shape-(1,) parameter (ZeRO-2 in bf16 fails on 0-dim parameters),
@@ -27,6 +27,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import UserError
+from .files import atomic_writer, write_atomic
+from .tokens import token_lengths
 
 MAX_SCALE = 100.0
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -80,7 +82,7 @@ class MakeModel(nn.Module):
         pooled, tokens = visual(images)
         if visual.final_ln_after_pool:  # tokens left un-normed by that variant
             tokens = visual.ln_post(tokens)
-        patches = tokens @ visual.proj  # the pooled token's projection (SPEC 2)
+        patches = tokens @ visual.proj  # the pooled token's projection
         return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
     # -- texts -------------------------------------------------------------
@@ -223,8 +225,9 @@ def resolve_architecture(name: str) -> tuple[str, dict]:
     return name, arch
 
 
-def build_model(cfg: ModelConfig) -> MakeModel:
-    """The model of a ModelConfig, with its weights if `pretrained` names any."""
+def build_model(cfg: ModelConfig, text_batching: str | None = None) -> MakeModel:
+    """The model of a ModelConfig, with its weights if `pretrained` names any.
+    text_batching: the effective one when the run changes it (Config.text_batching)."""
     name, arch = resolve_architecture(cfg.name)
     pretrained = cfg.pretrained
     if pretrained and not os.path.isfile(pretrained):
@@ -244,19 +247,11 @@ def build_model(cfg: ModelConfig) -> MakeModel:
                 f"and set model.pretrained to the local file's path."
             ) from None
         raise
-    model = MakeModel(clip, dict(arch), cfg.text_batching, cfg.text_bucket)
+    model = MakeModel(clip, dict(arch), text_batching or cfg.text_batching, cfg.text_bucket)
     model.set_grad_checkpointing(cfg.checkpointed("image"), cfg.checkpointed("text"))
     if cfg.compile:
         model.compile_blocks()
     return model
-
-
-def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
-    """The real length of each row of tokens (..., L): up to its last non-pad
-    token. Pad id is 0, but so is a token of CLIP's vocabulary ("!" inside a
-    word): counting non-zero tokens could cut a text before its end token."""
-    positions = torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)
-    return ((tokens != 0) * positions).amax(-1)
 
 
 def text_groups(lengths: torch.Tensor, bucket: int | None, context: int) -> list[tuple[torch.Tensor, int]]:
@@ -286,7 +281,8 @@ def tokenizer(cfg: ModelConfig):
 def export_open_clip(model: MakeModel, out_dir: str | Path) -> Path:
     """Write the model as open_clip loads it: `open_clip.create_model('local-dir:OUT')`.
 
-    The files appear together or not at all (written beside, then renamed).
+    Each file appears whole or not at all, the config last: a folder with a
+    config holds its weights.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,9 +291,7 @@ def export_open_clip(model: MakeModel, out_dir: str | Path) -> Path:
     # float32 whatever the training precision: what open_clip's loaders expect
     state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
              for k, v in model.clip.state_dict().items()}
-    tmp_weights, tmp_config = out / f".{EXPORT_WEIGHTS}.tmp", out / f".{EXPORT_CONFIG}.tmp"
-    torch.save(state, tmp_weights)
-    tmp_config.write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess}, indent=2))
-    os.replace(tmp_weights, out / EXPORT_WEIGHTS)
-    os.replace(tmp_config, out / EXPORT_CONFIG)
+    with atomic_writer(str(out / EXPORT_WEIGHTS)) as f:
+        torch.save(state, f)
+    write_atomic(str(out / EXPORT_CONFIG), json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess}, indent=2))
     return out

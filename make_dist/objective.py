@@ -1,25 +1,27 @@
-"""The MAKE objective (../shared/SPEC.md section 3): one module, read top to bottom.
+"""The MAKE objective (docs/spec.md, section 3): one module, read top to bottom.
 
     L = L_mkcl + lam * L_slra
 
-Inputs are the embeddings of one rank's local batch (all L2-normalised):
+`MakeLoss` is built once from a config's `loss` section (as open_clip's
+ClipLoss) and called on the embeddings of one rank's local batch (all
+L2-normalised):
 
     image    (B, D)      pooled image embedding v
     patches  (B, P, D)   projected patch tokens p
     texts    (B, N, D)   slot 0 raw caption, 1 disease aspect, 2 concept aspect,
-                         3.. subtexts (sentences of the caption)
+                         3.. subtexts (sentences of the caption); make_dist/slots.py
     mask     (B, N)      True where slot n of sample b holds a text
     scale    () or (1,)  s = exp(logit_scale), already clamped
 
 Data parallel. With torch.distributed initialised and world size G > 1, every
 rank computes the terms of its own rows against the columns gathered from all
-ranks. Ranks may hold different numbers of samples (a short last batch, a
-skipped corrupt sample), none included. The value returned on every rank is
-the loss of the concatenated global batch. The backward carries G times this
-rank's share of the global gradient, because data-parallel engines (DDP,
-DeepSpeed) *average* gradients over ranks: after that average every
-parameter receives exactly the gradient of the single-process loss on the
-global batch, whatever each rank held.
+ranks (make_dist/distributed.py). Ranks may hold different numbers of samples
+(a short last batch, a skipped corrupt sample), none included. The value
+returned on every rank is the loss of the concatenated global batch. The
+backward carries G times this rank's share of the global gradient, because
+data-parallel engines (DDP, DeepSpeed) *average* gradients over ranks: after
+that average every parameter receives exactly the gradient of the
+single-process loss on the global batch, whatever each rank held.
 
 Precision. bf16 embeddings are used as they are (their products are exact
 in float32) and everything accumulates in float32. The knowledge-enhanced
@@ -39,96 +41,77 @@ import os
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data.schema import DISEASE, FIRST_SUBTEXT, RAW
+from .config import BACKENDS, LossConfig
+from .distributed import batch_sizes, gather_rows, sum_detached, world_size
+from .slots import DISEASE, FIRST_SUBTEXT, RAW, in_mkcl, read_by_loss
 
-BACKENDS = ("torch", "triton", "auto")
 
+class MakeLoss:
+    """The MAKE loss terms ``total``, ``mkcl``, ``i2t``, ``t2i``, ``slra`` of a batch.
 
-def make_loss(
-    image: torch.Tensor,
-    patches: torch.Tensor,
-    texts: torch.Tensor,
-    mask: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    lam: float = 0.7,
-    sigma: float = 0.0,
-    dkw: bool = True,
-    slra: bool = True,
-    subtexts: bool = True,
-    aspects: bool = True,
-    backend: str = "torch",
-    rows_per_rank: Sequence[int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The MAKE loss terms: ``total``, ``mkcl``, ``i2t``, ``t2i``, ``slra``.
-
-    Switches (ablations, Table 3 of the paper): ``subtexts`` off drops slots 3..
-    from L_mkcl (as positives and as negatives), ``aspects`` off drops slots 1
-    and 2 from it likewise, ``slra`` off sets lambda to 0 (and ``slra``
-    reports 0), ``dkw`` off gives every valid text weight 1. Everything off is
-    CLIP's loss on the raw captions.
-
-    ``rows_per_rank``: every rank's local batch size, in rank order, when the
-    caller knows them (None: exchanged here, one small all-gather read back
-    to the host).
+    Switches (ablations, Table 3 of the paper): ``mkcl_subtexts`` off drops
+    slots 3.. from L_mkcl (as positives and as negatives), ``mkcl_aspects``
+    off drops slots 1 and 2 from it likewise, ``slra`` off sets lambda to 0
+    (and ``slra`` reports 0), ``dkw`` off gives every valid text weight 1.
+    Everything off is CLIP's loss on the raw captions. ``backend``: "torch"
+    (dense), "triton" (the fused kernels) or "auto" (the kernels on CUDA).
     """
-    _check_shapes(image, patches, texts, mask, scale)
-    ops = _ops(backend, image)
-    acc = torch.promote_types(image.dtype, torch.float32)  # accumulate in >= fp32
-    if ops is _TorchOps:  # the dense path computes in that type; the kernels take bf16 as it is
-        image, patches, texts = image.to(acc), patches.to(acc), texts.to(acc)
-    s = scale.to(acc).reshape(())
-    mask = mask.bool()
-    # A missing slot holds no text: zero it so nothing it contains can leak in.
-    texts = texts.masked_fill(~mask[..., None], 0.0)
 
-    weights = aspect_weights(texts, mask, dkw=dkw)  # (B, N), detached, 0 where missing
-    in_mkcl = mask & slots_in_mkcl(mask.shape[1], subtexts, aspects).to(mask.device)
-    w_mkcl = weights * in_mkcl
-    w_slra = weights[:, FIRST_SUBTEXT:]
-    # float32 from both backends, and kept so: gathered and local alike (module docstring).
-    knowledge = ops.knowledge_embedding(patches, texts[:, RAW], sigma).to(acc) if slra else None
+    def __init__(self, lam: float = 0.7, sigma: float = 0.0, *, dkw: bool = True, slra: bool = True,
+                 mkcl_subtexts: bool = True, mkcl_aspects: bool = True, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"MakeLoss: backend {backend!r} is not available; choose one of {BACKENDS}")
+        self.lam, self.sigma, self.backend = lam, sigma, backend
+        self.dkw, self.slra, self.mkcl_subtexts, self.mkcl_aspects = dkw, slra, mkcl_subtexts, mkcl_aspects
 
-    world = _world_size()
-    sizes = batch_sizes(image.shape[0], image.device, world, rows_per_rank)
-    cols = gather_columns(image, texts, in_mkcl, knowledge, sizes)
-    den = _all_reduce(torch.stack([w_mkcl.sum(), w_slra.sum()]), world)
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> "MakeLoss":
+        return cls(cfg.lam, cfg.sigma, dkw=cfg.dkw, slra=cfg.slra, mkcl_subtexts=cfg.mkcl_subtexts,
+                   mkcl_aspects=cfg.mkcl_aspects, backend=cfg.backend)
 
-    numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
+    def slots_read(self, n: int) -> list[bool]:
+        """The slots this loss reads: a trainer can leave the others untokenised."""
+        return read_by_loss(n, dkw=self.dkw, slra=self.slra, mkcl_subtexts=self.mkcl_subtexts,
+                            mkcl_aspects=self.mkcl_aspects)
 
-    i2t, t2i, slra_term = _global_mean(numerators, den[[0, 0, 1]], world).unbind()
-    mkcl = (i2t + t2i) / 2
-    total = mkcl + lam * slra_term if slra else mkcl
-    return {"total": total, "mkcl": mkcl, "i2t": i2t, "t2i": t2i, "slra": slra_term}
+    def __call__(self, image: torch.Tensor, patches: torch.Tensor, texts: torch.Tensor, mask: torch.Tensor,
+                 scale: torch.Tensor, rows_per_rank: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """``rows_per_rank``: every rank's local batch size, in rank order, when
+        the caller knows them (None: exchanged here, read back to the host)."""
+        _check_shapes(image, patches, texts, mask, scale)
+        ops = _ops(self.backend, image)
+        acc = torch.promote_types(image.dtype, torch.float32)  # accumulate in >= fp32
+        if ops is _TorchOps:  # the dense path computes in that type; the kernels take bf16 as it is
+            image, patches, texts = image.to(acc), patches.to(acc), texts.to(acc)
+        s = scale.to(acc).reshape(())
+        mask = mask.bool()
+        # A missing slot holds no text: zero it so nothing it contains can leak in.
+        texts = texts.masked_fill(~mask[..., None], 0.0)
+
+        weights = aspect_weights(texts, mask, dkw=self.dkw)  # (B, N), detached, 0 where missing
+        scored = mask & torch.tensor(in_mkcl(mask.shape[1], mkcl_subtexts=self.mkcl_subtexts,
+                                             mkcl_aspects=self.mkcl_aspects), device=mask.device)
+        w_mkcl = weights * scored
+        w_slra = weights[:, FIRST_SUBTEXT:]
+        # float32 from both backends, and kept so: gathered and local alike (module docstring).
+        knowledge = ops.knowledge_embedding(patches, texts[:, RAW], self.sigma).to(acc) if self.slra else None
+
+        sizes = batch_sizes(image.shape[0], image.device, rows_per_rank)
+        cols = gather_columns(image, texts, scored, knowledge, sizes)
+        den = sum_detached(torch.stack([w_mkcl.sum(), w_slra.sum()]))
+
+        numerators = contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s)
+
+        i2t, t2i, slra_term = _global_mean(numerators, den[[0, 0, 1]]).unbind()
+        mkcl = (i2t + t2i) / 2
+        total = mkcl + self.lam * slra_term if self.slra else mkcl
+        return {"total": total, "mkcl": mkcl, "i2t": i2t, "t2i": t2i, "slra": slra_term}
 
 
 # ---------------------------------------------------------------------------
 # The pieces of the objective
-
-
-def slots_in_mkcl(n: int, subtexts: bool = True, aspects: bool = True) -> torch.Tensor:
-    """(n,) bool: the slots L_mkcl uses under the switches."""
-    keep = torch.ones(n, dtype=torch.bool)
-    if not aspects:
-        keep[DISEASE:FIRST_SUBTEXT] = False
-    if not subtexts:
-        keep[FIRST_SUBTEXT:] = False
-    return keep
-
-
-def slots_read(n: int, *, dkw: bool = True, slra: bool = True, subtexts: bool = True,
-               aspects: bool = True) -> torch.Tensor:
-    """(n,) bool: every slot the loss reads under the switches, so a trainer can
-    leave the others unencoded (the CLIP baseline encodes one text a sample)."""
-    keep = slots_in_mkcl(n, subtexts, aspects)
-    if slra:
-        keep[FIRST_SUBTEXT:] = True  # subtexts against knowledge embeddings (slot 0 is always read)
-    if dkw and (subtexts or slra) and n > DISEASE:
-        keep[DISEASE] = True  # the disease text weighs the subtexts
-    return keep
 
 
 def contrastive_numerators(ops, image, texts, knowledge, w_mkcl, w_slra, cols, s) -> torch.Tensor:
@@ -200,7 +183,7 @@ def column_logsumexp(
     """LSE_r = log sum over valid columns c of exp(scale * rows_r . cols_c), (R,).
 
     The dense path: materialises the R x C logits once. This is the operation
-    the fused kernel (SPEC section 4) computes tile by tile.
+    the fused kernel (docs/spec.md, section 4) computes tile by tile.
     """
     logits = scale * rows @ cols.T
     if col_valid is not None:
@@ -218,15 +201,13 @@ class _TorchOps:
 def _ops(backend: str, like: torch.Tensor):
     """The implementation of the two hot operations: torch, or the Triton
     kernels (on a CUDA device, or anywhere under TRITON_INTERPRET=1)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"make_loss: backend {backend!r} is not available; choose one of {BACKENDS}")
     if backend == "auto":
         backend = "triton" if like.is_cuda and _triton_ok() else "torch"
     if backend == "torch":
         return _TorchOps
     if not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("make_loss: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    import kernels
+        raise ValueError("MakeLoss: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    import kernels  # only when asked for: importing it builds the kernels for the interpreter or the GPU
 
     return kernels
 
@@ -240,7 +221,7 @@ def _triton_ok() -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Data parallel plumbing
+# Data parallel
 
 
 class Columns:
@@ -253,34 +234,15 @@ class Columns:
         self.knowledge = knowledge  # (sum B, D) float32, or None
 
 
-def batch_sizes(rows: int, device: torch.device, world: int, given: Sequence[int] | None = None) -> list[int]:
-    """Every rank's local batch size: `given` (checked against this rank's),
-    or exchanged in one all-gather of a single number (read back to the host)."""
-    if world == 1:
-        return [rows]
-    if given is not None:
-        given = [int(n) for n in given]
-        rank = dist.get_rank()
-        if len(given) != world or given[rank] != rows:
-            raise ValueError(f"make_loss: rows_per_rank {given} does not match rank {rank} of {world}, "
-                             f"which holds {rows} samples")
-        return given
-    mine = torch.tensor([rows], device=device)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
-    return [int(n) for n in torch.cat(every).tolist()]
-
-
 def gather_columns(image, texts, text_valid, knowledge, rows_per_rank: Sequence[int]) -> Columns:
-    """Images, texts, validity and knowledge embeddings of every rank (with
-    gradient), in rank order: one all-gather per dtype (the knowledge
-    embeddings travel in float32 beside bf16 embeddings)."""
+    """Images, texts, validity and knowledge embeddings of every rank, with
+    gradient, in rank order (the knowledge embeddings travel in float32
+    beside bf16 embeddings)."""
     B, N, D = texts.shape
     parts = {"images": image, "texts": texts.flatten(1), "valid": text_valid.to(image.dtype)}
     if knowledge is not None:
         parts["knowledge"] = knowledge
-    if len(rows_per_rank) > 1:
-        parts = _gather_rows(parts, list(rows_per_rank))
+    parts = gather_rows(parts, rows_per_rank)
     return Columns(
         images=parts["images"],
         texts=parts["texts"].reshape(-1, D),
@@ -289,85 +251,24 @@ def gather_columns(image, texts, text_valid, knowledge, rows_per_rank: Sequence[
     )
 
 
-def _gather_rows(parts: dict[str, torch.Tensor], sizes: list[int]) -> dict[str, torch.Tensor]:
-    """Every rank's rows of each (rows, features) tensor, packed by dtype."""
-    gathered = {}
-    for dtype in dict.fromkeys(p.dtype for p in parts.values()):
-        names = [name for name, p in parts.items() if p.dtype == dtype]
-        widths = [parts[name].shape[1] for name in names]
-        packed = _GatherWithGrad.apply(torch.cat([parts[name] for name in names], 1), sizes)
-        gathered.update(zip(names, packed.split(widths, 1)))
-    return gathered
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 of blocks of any size per rank (`sizes`, the
-    same list on every rank); the backward sums every rank's gradient of the
-    gathered tensor and returns this rank's block (a reduce-scatter).
-
-    Collectives need equal shapes: each block travels padded to the largest."""
-
-    @staticmethod
-    def forward(ctx, x, sizes):
-        world, most = len(sizes), max(sizes)
-        ctx.rank, ctx.sizes = dist.get_rank(), sizes
-        if most == 0:
-            return x.new_empty((0,) + x.shape[1:])
-        padded = x.new_zeros((most,) + x.shape[1:])
-        padded[: x.shape[0]] = x
-        blocks = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(blocks, padded)
-        return torch.cat([block[:n] for block, n in zip(blocks, sizes)], 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, rank = ctx.sizes, ctx.rank
-        most = max(sizes)
-        if most == 0:
-            return grad.new_empty((0,) + grad.shape[1:]), None
-        padded = grad.new_zeros((len(sizes), most) + grad.shape[1:])
-        for r, block in enumerate(grad.split(sizes, 0)):
-            padded[r, : sizes[r]] = block
-        if dist.get_backend() == "nccl":
-            out = grad.new_empty((most,) + grad.shape[1:])
-            dist.reduce_scatter_tensor(out, padded.flatten(0, 1))
-        else:  # gloo has no reduce-scatter: sum everything, keep our block
-            dist.all_reduce(padded)
-            out = padded[rank]
-        return out[: sizes[rank]], None
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum of a detached tensor over ranks."""
-    x = x.detach().clone()
-    if world > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def _global_mean(numerators: torch.Tensor, denominators: torch.Tensor, world: int) -> torch.Tensor:
+def _global_mean(numerators: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
     """Global weighted means whose value is the global loss on every rank and
-    whose gradient is ``world`` times this rank's share (see module docstring)."""
+    whose gradient is G times this rank's share (see the module docstring)."""
     share = numerators / denominators.clamp_min(torch.finfo(denominators.dtype).tiny)
+    world = world_size()
     if world == 1:
         return share
-    value = _all_reduce(share, world)
+    value = sum_detached(share)
     return world * share + (value - world * share).detach()
 
 
 def _check_shapes(image, patches, texts, mask, scale) -> None:
     B, D = image.shape
     if patches.ndim != 3 or patches.shape[0] != B or patches.shape[2] != D:
-        raise ValueError(f"make_loss: patches must be (B={B}, P, D={D}), got {tuple(patches.shape)}")
+        raise ValueError(f"MakeLoss: patches must be (B={B}, P, D={D}), got {tuple(patches.shape)}")
     if texts.ndim != 3 or texts.shape[0] != B or texts.shape[2] != D:
-        raise ValueError(f"make_loss: texts must be (B={B}, N, D={D}), got {tuple(texts.shape)}")
+        raise ValueError(f"MakeLoss: texts must be (B={B}, N, D={D}), got {tuple(texts.shape)}")
     if tuple(mask.shape) != tuple(texts.shape[:2]):
-        raise ValueError(f"make_loss: mask must be (B, N)={tuple(texts.shape[:2])}, got {tuple(mask.shape)}")
+        raise ValueError(f"MakeLoss: mask must be (B, N)={tuple(texts.shape[:2])}, got {tuple(mask.shape)}")
     if scale.numel() != 1:
-        raise ValueError(f"make_loss: scale must hold one value, got shape {tuple(scale.shape)}")
+        raise ValueError(f"MakeLoss: scale must hold one value, got shape {tuple(scale.shape)}")

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, build_section, from_dict, load_config
-from .errors import UserError
+from .config import from_dict, load_config
+from .errors import ConfigError, UserError
+from .tracking import Run, open_run
+from .train.launch import absolute, check, fit, init_ray
+from .typed import build_section, read_yaml
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 
@@ -55,12 +56,7 @@ class SweepConfig:
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, dict]:
     """The sweep and its base training config (as a dict, overrides applied), checked."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the sweep file: {e.strerror}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a sweep file is a YAML mapping")
+    raw = read_yaml(path, "sweep file")
     for key in ("space", "asha"):  # free-form mappings: checked below
         if key in raw and not isinstance(raw[key], dict):
             raise ConfigError(f"{path}: {key} must be a mapping")
@@ -116,17 +112,14 @@ def run_sweep(sweep: SweepConfig, base: dict) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .train.launch import absolute, check, init_ray
-    from .train.tracking import RunTracker
-
     storage = absolute(sweep.storage)
     base_cfg = check(from_dict(base, "<sweep base>"))  # fails before Ray starts
     sweep_dir = f"{storage}/{sweep.name}"
-    parent = RunTracker(base_cfg, sweep_dir, run_name=f"sweep {sweep.name}", params=_sweep_params(sweep))
-    print(f"make-dist: sweep {sweep.name}: MLflow parent run {parent.run_id} at {parent.uri}")
+    parent = open_run(base_cfg, sweep_dir, run_name=f"sweep {sweep.name}", params=_sweep_params(sweep))
+    print(f"make-dist: sweep {sweep.name}: MLflow parent run {parent.id} at {parent.uri}")
     init_ray()
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base_cfg.to_dict(), storage=sweep_dir, parent_run_id=parent.run_id),
+        tune.with_parameters(_trial, base=base_cfg.to_dict(), storage=sweep_dir, parent=parent),
         {"CPU": 0, "memory": 2**20})  # the trial only drives: no CPU, so its Train workers get them all
     scheduler = (ASHAScheduler(time_attr="training_iteration", **sweep.asha) if sweep.scheduler == "asha"
                  else FIFOScheduler())
@@ -145,35 +138,40 @@ def run_sweep(sweep: SweepConfig, base: dict) -> dict:
     try:
         grid = tuner.fit()
     except BaseException:
-        parent.finish(ok=False, artifacts=False)
+        parent.finish("FAILED")
         raise
     # An interrupted fit returns too; the state Tune saved tells what finished.
     saved = tune.Tuner.restore(path, trainable=trainable).get_results()
     if saved.num_terminated + saved.num_errors < len(saved):
-        parent.client.set_terminated(parent.run_id, status="KILLED")
+        parent.finish("KILLED")
         raise UserError(f"sweep {sweep.name} was interrupted after {saved.num_terminated} of {len(saved)} "
                         f"trials; run the same command again to resume it")
     best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode)
     summary = {"metric": sweep.metric, "value": best.metrics.get(sweep.metric), "params": dict(best.config),
                "trials": len(grid), "errors": len(grid.errors)}
-    parent.log_best(summary)
-    parent.finish(ok=not grid.errors, artifacts=False)
+    _log_best(parent, summary)
+    parent.finish("FAILED" if grid.errors else "FINISHED")
     print(f"make-dist: sweep {sweep.name}: {len(grid)} trials ({len(grid.errors)} failed); best "
           f"{sweep.metric} = {summary['value']} with " + ", ".join(f"{k}={v}" for k, v in best.config.items()))
     return summary
 
 
-def _trial(params: dict, base: dict, storage: str, parent_run_id: str) -> None:
+def _trial(params: dict, base: dict, storage: str, parent: Run) -> None:
     """One trial: a whole training run, named after the trial, nested in MLflow."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train.launch import fit
-
     trial = tune.get_context().get_trial_name()
     cfg = trial_config(base, params, f"<trial {trial}>")
     cfg.train.name, cfg.train.storage = trial, f"{storage}/trials"
-    fit(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], params=params)
+    fit(cfg, parent=parent, callbacks=[TuneReportCallback()], params=params)
+
+
+def _log_best(parent: Run, summary: dict) -> None:
+    """The best trial's metric and parameters, on the sweep's parent run."""
+    if summary.get("value") is not None:
+        parent.log_metrics({f"best/{summary['metric']}": summary["value"]})
+    parent.log_params({f"best.{k}": v for k, v in summary["params"].items()})
 
 
 def _sweep_params(sweep: SweepConfig) -> dict[str, Any]:

@@ -24,14 +24,14 @@ def repo_root() -> Path:
 def tiny_shards(tmp_path_factory, repo_root) -> str:
     """96 synthetic 64-px samples in 12 shards of 8 (the training tests' data),
     beside the synthetic set with 40 held-out images in ../synth."""
-    from make_dist.data.schema import load_columns
+    from make_dist.data.schema import load_column_map
     from make_dist.data.shards import write_shards
     from make_dist.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("data")
     synthesize(root / "synth", n=96, n_eval=40, size=64, seed=0, workers=2, progress=False)
     write_shards(str(root / "synth/train.csv"), str(root / "shards"),
-                 load_columns(repo_root / "configs/columns/synthetic.yaml"), images_root=str(root / "synth"),
+                 load_column_map(repo_root / "configs/columns/synthetic.yaml"), images_root=str(root / "synth"),
                  shard_size=8, workers=2, progress=False)
     return str(root / "shards/manifest.json")
 

@@ -16,7 +16,7 @@ def run(*args, cwd=None):
 def test_help_lists_subcommands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("config", "model", "synth", "shards", "train", "demo", "eval", "sweep"):
+    for command in ("config", "model", "synth", "shards", "train", "demo", "eval", "sweep", "wheelhouse"):
         assert command in out.stdout
 
 

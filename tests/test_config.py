@@ -2,14 +2,15 @@
 
 import pytest
 
-from make_dist.config import Config, ConfigError, dump_config, load_config
+from make_dist.config import Config, dump_config, load_config
+from make_dist.errors import ConfigError
 
 
 def test_shipped_configs_load(repo_root):
     tiny = load_config(repo_root / "configs/tiny.yaml")
     assert tiny.model.name == "make-tiny" and tiny.train.workers == 2 and tiny.optim.lr == 5e-4
     paper = load_config(repo_root / "configs/paper.yaml")
-    # SPEC section 6
+    # the paper's setup (docs/spec.md, section 6)
     assert paper.optim.betas == (0.9, 0.98) and paper.optim.eps == 1e-6 and paper.optim.lr == 1e-4
     assert paper.optim.weight_decay == 0.1 and paper.optim.warmup_steps == 1500
     assert paper.loss.lam == 0.7 and paper.data.subtexts == 8
@@ -34,7 +35,7 @@ def write_manifest(path, samples, subtexts=8):
 def test_epochs_resolve_to_steps_from_the_manifest(repo_root, tmp_path):
     """15 epochs of Derm1M's 403,563 pairs at 2048 a step: 2,956 steps, on one
     card or on eight."""
-    from make_dist.train.launch import with_shards_manifest
+    from make_dist.data.shards import with_shards_manifest
 
     manifest = write_manifest(tmp_path / "shards/manifest.json", 403_563)
     for name in ("paper.yaml", "paper-8gpu.yaml"):
@@ -49,7 +50,7 @@ def test_epochs_resolve_to_steps_from_the_manifest(repo_root, tmp_path):
 
 def test_epochs_need_a_manifest(tmp_path):
     from make_dist.errors import UserError
-    from make_dist.train.launch import with_shards_manifest
+    from make_dist.data.shards import with_shards_manifest
 
     cfg = load_config(None, [f"data.train_shards={tmp_path}/shard-{{000..009}}.tar", "train.epochs=3"])
     with pytest.raises(UserError, match="train.epochs = 3.0: needs data.train_shards to name a manifest.json"):
@@ -74,7 +75,7 @@ def test_steps_and_epochs_are_one_setting(tmp_path):
 
 def test_shards_with_fewer_sentences_than_asked_are_refused(tmp_path):
     from make_dist.errors import UserError
-    from make_dist.train.launch import with_shards_manifest
+    from make_dist.data.shards import with_shards_manifest
 
     manifest = write_manifest(tmp_path / "shards/manifest.json", 100, subtexts=4)
     with pytest.raises(UserError, match=r"data\.subtexts = 8, but the shards at .* were written with --subtexts 4"):
@@ -113,7 +114,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("loss:\n  lam: -1\n", r"loss\.lam = -1\.0: must be >= 0"),
         ("optim:\n  betas: [0.9]\n", r"optim\.betas = \[0\.9\]: expected a list of 2 values"),
         ("loss: [1, 2]\n", r"section 'loss' must be a mapping"),
-        ("- a\n", r"top level must be a mapping"),
+        ("- a\n", r"c\.yaml: the top level of config file must be a YAML mapping, got list"),
         ("loss: {lam: 0.5\n", r"not valid YAML"),
         ("model:\n  grad_checkpointing: vision\n", r"model\.grad_checkpointing = 'vision': must be false, true, image"),
         ("model:\n  text_batching: packed\n", r"model\.text_batching = 'packed': must be one of"),

@@ -69,7 +69,9 @@ def test_sweep_job_runs_trials_nested_in_mlflow(tmp_path, repo_root, tiny_shards
     for t in trials:  # each trial's curves and held-out metric at both steps
         assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [1, 2]
         assert len(client.get_metric_history(t.info.run_id, "loss/total")) == 2
-    best = max(trials, key=lambda t: t.data.metrics["eval/classify/top1"])
-    assert parent.data.metrics["best/eval/classify/top1"] == pytest.approx(best.data.metrics["eval/classify/top1"])
-    assert float(parent.data.params["best.optim.lr"]) == float(best.data.params["optim.lr"])
+    top1 = {float(t.data.params["optim.lr"]): t.data.metrics["eval/classify/top1"] for t in trials}
+    best = max(top1.values())
+    assert parent.data.metrics["best/eval/classify/top1"] == pytest.approx(best)
+    # on 40 images both trials may score alike: the best is then either of them
+    assert top1[float(parent.data.params["best.optim.lr"])] == pytest.approx(best)
     assert parent.info.status == "FINISHED"

@@ -1,4 +1,4 @@
-"""The Triton kernels against the dense torch path (SPEC section 4).
+"""The Triton kernels against the dense torch path (docs/spec.md, section 4).
 
 On a machine without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py)
 on CPU tensors, at small sizes. Inputs are drawn fresh per case; outputs are
@@ -174,18 +174,19 @@ def test_patch_pool_writes_every_element():
 # The whole objective on the kernels
 
 
-@pytest.mark.parametrize("dkw,slra,subtexts,sigma", [
+@pytest.mark.parametrize("dkw,slra,mkcl_subtexts,sigma", [
     (True, True, True, 0.0), (True, True, False, 0.1), (False, True, True, 0.0), (True, False, True, 0.0),
 ])
-def test_make_loss_triton_equals_torch(dkw, slra, subtexts, sigma):
-    image, patches, texts, mask, scale = random_inputs(B=6, N=7, D=16, P=10, seed=int(dkw) + 2 * int(slra) + 4 * int(subtexts))
+def test_make_loss_triton_equals_torch(dkw, slra, mkcl_subtexts, sigma):
+    image, patches, texts, mask, scale = random_inputs(B=6, N=7, D=16, P=10,
+                                                       seed=int(dkw) + 2 * int(slra) + 4 * int(mkcl_subtexts))
     mask = with_missing(mask)
     mask[5, 3:] = False  # a row of all-invalid subtexts
-    kw = dict(lam=0.7, sigma=sigma, dkw=dkw, slra=slra, subtexts=subtexts)
+    kw = dict(lam=0.7, sigma=sigma, dkw=dkw, slra=slra, mkcl_subtexts=mkcl_subtexts)
     results = {}
     for backend in ("torch", "triton"):
         leaves = [x.clone().to(DEVICE).requires_grad_() for x in (image, patches, texts, scale)]
-        out = objective.make_loss(*leaves[:3], mask.to(DEVICE), leaves[3], backend=backend, **kw)
+        out = objective.MakeLoss(backend=backend, **kw)(*leaves[:3], mask.to(DEVICE), leaves[3])
         out["total"].backward()
         results[backend] = (out, [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves])
     (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
@@ -202,7 +203,7 @@ def test_make_loss_triton_equals_torch_on_bf16():
     results = {}
     for backend in ("torch", "triton"):
         leaves = [x.bfloat16().to(DEVICE).requires_grad_() for x in (image, patches, texts)]
-        out = objective.make_loss(*leaves, mask.to(DEVICE), torch.tensor([30.0], device=DEVICE), backend=backend)
+        out = objective.MakeLoss(backend=backend)(*leaves, mask.to(DEVICE), torch.tensor([30.0], device=DEVICE))
         out["total"].backward()
         results[backend] = (out, [x.grad for x in leaves])
     (want, want_grads), (got, got_grads) = results["torch"], results["triton"]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from make_dist.config import ModelConfig
-from make_dist.model import (MAX_SCALE, ModelLoadError, build_model, export_open_clip, text_groups, token_lengths,
-                             tokenizer)
+from make_dist.model import MAX_SCALE, ModelLoadError, build_model, export_open_clip, text_groups, tokenizer
+from make_dist.tokens import token_lengths
 
 TINY = ModelConfig(name="make-tiny")
 
@@ -77,7 +77,7 @@ def test_patches_are_the_final_normed_tokens_projected(model, batch):
 
 
 def test_cut_context_and_skipped_slots_equal_full_encoding(model, batch):
-    """SPEC section 2 exactness rule: against every slot encoded at 77 tokens
+    """The exactness rule (docs/spec.md, section 2): against every slot encoded at 77 tokens
     by open_clip's own encode_text."""
     images, tokens, mask = batch
     fast = model.encode_texts(tokens, mask)
@@ -88,7 +88,7 @@ def test_cut_context_and_skipped_slots_equal_full_encoding(model, batch):
 
 @pytest.mark.parametrize("batching", ["buckets", "longest", "full"])
 def test_every_text_batching_equals_open_clips_full_encoding(batching, batch):
-    """The three ways of batching the texts (SPEC section 2's exactness rule),
+    """The three ways of batching the texts (the exactness rule of docs/spec.md, section 2),
     with the lengths counted here or handed in from the host."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="make-tiny", text_batching=batching, text_bucket=8)).eval()

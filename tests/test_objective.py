@@ -1,4 +1,4 @@
-"""The MAKE objective against an independent float64 reading of SPEC section 3.
+"""The MAKE objective against an independent float64 reading of docs/spec.md, section 3.
 
 The reference below is written as plain loops over the equations, on purpose
 nothing like the vectorised code it checks.
@@ -16,17 +16,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from make_dist.objective import aspect_weights, knowledge_embedding, make_loss, slots_read
+from make_dist.objective import MakeLoss, aspect_weights, knowledge_embedding
+from make_dist.slots import read_by_loss
+
+def loss_of(image, patches, texts, mask, scale, rows_per_rank=None, **settings):
+    """The objective as the trainer builds it, called once."""
+    return MakeLoss(**settings)(image, patches, texts, mask, scale, rows_per_rank=rows_per_rank)
+
 
 # ---------------------------------------------------------------------------
 # The reference: loops over the equations, float64
 
 
-def reference_loss(image, patches, texts, mask, s, *, lam=0.7, sigma=0.0, dkw=True, slra=True, subtexts=True,
-                   aspects=True):
+def reference_loss(image, patches, texts, mask, s, *, lam=0.7, sigma=0.0, dkw=True, slra=True, mkcl_subtexts=True,
+                   mkcl_aspects=True):
     B, N, _ = texts.shape
     valid = lambda b, n: bool(mask[b, n])  # noqa: E731
-    in_mkcl = lambda b, n: valid(b, n) and (subtexts or n < 3) and (aspects or n not in (1, 2))  # noqa: E731
+    in_mkcl = lambda b, n: valid(b, n) and (mkcl_subtexts or n < 3) and (mkcl_aspects or n not in (1, 2))  # noqa: E731
 
     def weight(b, n):
         if not valid(b, n):
@@ -118,17 +124,17 @@ def assert_terms_close(got, want, atol=1e-9):
 # ---------------------------------------------------------------------------
 # Values and gradients against the reference
 
-SWITCHES = list(itertools.product([True, False], repeat=4))  # dkw, slra, subtexts, aspects
+SWITCHES = list(itertools.product([True, False], repeat=4))  # dkw, slra, mkcl_subtexts, mkcl_aspects
 
 
-@pytest.mark.parametrize("dkw,slra,subtexts,aspects", SWITCHES)
-def test_terms_and_gradients_match_reference(dkw, slra, subtexts, aspects):
-    image, patches, texts, mask, scale = random_inputs(seed=int(dkw) * 8 + int(slra) * 4 + int(subtexts) * 2 + aspects)
+@pytest.mark.parametrize("dkw,slra,mkcl_subtexts,mkcl_aspects", SWITCHES)
+def test_terms_and_gradients_match_reference(dkw, slra, mkcl_subtexts, mkcl_aspects):
+    image, patches, texts, mask, scale = random_inputs(seed=int(dkw) * 8 + int(slra) * 4 + int(mkcl_subtexts) * 2 + mkcl_aspects)
     mask = with_missing(mask)
-    kw = dict(lam=0.7, sigma=0.0, dkw=dkw, slra=slra, subtexts=subtexts, aspects=aspects)
+    kw = dict(lam=0.7, sigma=0.0, dkw=dkw, slra=slra, mkcl_subtexts=mkcl_subtexts, mkcl_aspects=mkcl_aspects)
 
     leaves = [x.clone().requires_grad_() for x in (image, patches, texts, scale)]
-    got = make_loss(*leaves[:3], mask, leaves[3], **kw)
+    got = loss_of(*leaves[:3], mask, leaves[3], **kw)
     got["total"].backward()
     ref_leaves = [x.clone().requires_grad_() for x in (image, patches, texts, scale)]
     want = reference_loss(*ref_leaves[:3], mask, ref_leaves[3], **kw)
@@ -143,21 +149,22 @@ def test_terms_and_gradients_match_reference(dkw, slra, subtexts, aspects):
         assert torch.allclose(ga, gb, atol=1e-9, rtol=1e-7), name
 
 
-@pytest.mark.parametrize("dkw,slra,subtexts,aspects", SWITCHES)
-def test_unread_slots_can_be_left_unencoded(dkw, slra, subtexts, aspects):
-    """Masking out what slots_read excludes (as the trainer does) changes nothing."""
+@pytest.mark.parametrize("dkw,slra,mkcl_subtexts,mkcl_aspects", SWITCHES)
+def test_unread_slots_can_be_left_unencoded(dkw, slra, mkcl_subtexts, mkcl_aspects):
+    """Masking out the slots the loss does not read (the loader leaves them untokenised) changes nothing."""
     image, patches, texts, mask, scale = random_inputs(seed=50)
     mask = with_missing(mask)
-    kw = dict(dkw=dkw, slra=slra, subtexts=subtexts, aspects=aspects)
-    full = make_loss(image, patches, texts, mask, scale, **kw)
-    read = mask & slots_read(mask.shape[1], **kw)
-    assert_terms_close(make_loss(image, patches, texts, read, scale, **kw), full, atol=1e-12)
+    kw = dict(dkw=dkw, slra=slra, mkcl_subtexts=mkcl_subtexts, mkcl_aspects=mkcl_aspects)
+    full = loss_of(image, patches, texts, mask, scale, **kw)
+    read = mask & torch.tensor(read_by_loss(mask.shape[1], **kw))
+    assert read_by_loss(mask.shape[1], **kw) == MakeLoss(**kw).slots_read(mask.shape[1])
+    assert_terms_close(loss_of(image, patches, texts, read, scale, **kw), full, atol=1e-12)
 
 
 def test_sigma_threshold_and_lambda():
     image, patches, texts, mask, scale = random_inputs(seed=11, P=9)
     for sigma, lam in ((0.2, 0.3), (-0.1, 1.5)):
-        got = make_loss(image, patches, texts, mask, scale, sigma=sigma, lam=lam)
+        got = loss_of(image, patches, texts, mask, scale, sigma=sigma, lam=lam)
         want = reference_loss(image, patches, texts, mask, scale, sigma=sigma, lam=lam)
         assert_terms_close(got, want)
 
@@ -171,8 +178,8 @@ def test_missing_slots_are_never_negatives():
     garbage[~mask] = F.normalize(torch.randn(int((~mask).sum()), texts.shape[-1], dtype=texts.dtype), dim=-1)
     b, n = (~mask).nonzero()[0]
     garbage[b, n] = float("nan")
-    a = make_loss(image, patches, texts, mask, scale)
-    b = make_loss(image, patches, garbage, mask, scale)
+    a = loss_of(image, patches, texts, mask, scale)
+    b = loss_of(image, patches, garbage, mask, scale)
     assert_terms_close(a, {k: v for k, v in b.items()}, atol=1e-12)
 
 
@@ -206,7 +213,7 @@ def test_gradcheck_tiny():
     mask = with_missing(mask)
 
     def f(image, patches, texts, scale):
-        out = make_loss(image, patches, texts, mask, scale)
+        out = loss_of(image, patches, texts, mask, scale)
         return out["total"], out["slra"]
 
     inputs = tuple(x.clone().requires_grad_() for x in (image, patches, texts, scale))
@@ -218,21 +225,21 @@ def test_n1_with_switches_off_is_clip_loss():
 
     image, patches, texts, _, scale = random_inputs(B=8, N=1, seed=4)
     mask = torch.ones(8, 1, dtype=torch.bool)
-    got = make_loss(image, patches, texts, mask, scale, dkw=False, slra=False, subtexts=False)
+    got = loss_of(image, patches, texts, mask, scale, dkw=False, slra=False, mkcl_subtexts=False)
     want = ClipLoss()(image, texts[:, 0], scale.reshape(()))
     assert torch.allclose(got["total"], want, atol=1e-10)
     # with all K + 3 slots present, every switch off reads the raw captions only
     image, patches, texts, mask, scale = random_inputs(B=8, N=7, seed=4)
-    got = make_loss(image, patches, texts, mask, scale, dkw=False, slra=False, subtexts=False, aspects=False)
+    got = loss_of(image, patches, texts, mask, scale, dkw=False, slra=False, mkcl_subtexts=False, mkcl_aspects=False)
     assert torch.allclose(got["total"], ClipLoss()(image, texts[:, 0], scale.reshape(())), atol=1e-10)
 
 
 def test_float32_and_bfloat16_inputs_accumulate_in_float32():
     image, patches, texts, mask, scale = random_inputs(seed=9)
-    want = make_loss(image, patches, texts, mask, scale)["total"]
-    got32 = make_loss(*(x.float() for x in (image, patches, texts)), mask, scale.float())["total"]
+    want = loss_of(image, patches, texts, mask, scale)["total"]
+    got32 = loss_of(*(x.float() for x in (image, patches, texts)), mask, scale.float())["total"]
     assert got32.dtype == torch.float32 and abs(got32.item() - want.item()) < 1e-4
-    got16 = make_loss(*(x.bfloat16() for x in (image, patches, texts)), mask, scale.bfloat16())["total"]
+    got16 = loss_of(*(x.bfloat16() for x in (image, patches, texts)), mask, scale.bfloat16())["total"]
     assert got16.dtype == torch.float32 and abs(got16.item() - want.item()) < 0.1
 
 
@@ -261,7 +268,7 @@ def test_bf16_inputs_match_float64_on_the_same_rounded_values(backend, scale, si
     (image, patches, texts), mask = bf16_problem(B=8, N=9, D=32, P=12, seed=int(scale) + int(10 * sigma) + aligned,
                                                  aligned=aligned)
     s = torch.tensor([scale])
-    got = make_loss(image, patches, texts, mask, s.bfloat16(), sigma=sigma, backend=backend)
+    got = loss_of(image, patches, texts, mask, s.bfloat16(), sigma=sigma, backend=backend)
     want = reference_loss(image.double(), patches.double(), texts.double(), mask, s.double(), sigma=sigma)
     for key in ("total", "mkcl", "i2t", "t2i", "slra"):
         assert got[key].dtype == torch.float32
@@ -272,9 +279,9 @@ def test_bf16_inputs_match_float64_on_the_same_rounded_values(backend, scale, si
 def test_bad_inputs_fail_with_shapes():
     image, patches, texts, mask, scale = random_inputs()
     with pytest.raises(ValueError, match="mask must be"):
-        make_loss(image, patches, texts, mask[:, :3], scale)
+        loss_of(image, patches, texts, mask[:, :3], scale)
     with pytest.raises(ValueError, match="backend"):
-        make_loss(image, patches, texts, mask, scale, backend="cuda-magic")
+        loss_of(image, patches, texts, mask, scale, backend="cuda-magic")
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +310,7 @@ def _forward_backward(feats, mask, W, log_scale, backend="torch", **kw):
     W = W.clone().requires_grad_()
     log_scale = log_scale.clone().requires_grad_()
     emb = {k: F.normalize(v @ W, dim=-1) for k, v in feats.items()}
-    out = make_loss(emb["image"], emb["patches"], emb["texts"], mask, log_scale.exp(), lam=0.7, backend=backend, **kw)
+    out = loss_of(emb["image"], emb["patches"], emb["texts"], mask, log_scale.exp(), lam=0.7, backend=backend, **kw)
     out["total"].backward()
     grads = {k: v.grad for k, v in feats.items()}
     return out, grads, W.grad, log_scale.grad
@@ -359,14 +366,14 @@ def test_data_parallel_gloo_matches_single_process(tmp_path, backend, sizes, tel
 
 def test_rows_per_rank_that_disagree_with_the_batch_are_refused(tmp_path):
     mp.spawn(_wrong_sizes_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    assert "rows_per_rank [3, 4] does not match rank 0 of 2, which holds 4 samples" in (tmp_path / "rank0").read_text()
+    assert "rows per rank [3, 4] do not match rank 0 of 2, which holds 4" in (tmp_path / "rank0").read_text()
 
 
 def _wrong_sizes_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     image, patches, texts, mask, scale = random_inputs(B=4 if rank == 0 else 3, seed=rank)
     try:
-        make_loss(image, patches, texts, mask, scale, rows_per_rank=[3, 4])  # wrong on both ranks
+        loss_of(image, patches, texts, mask, scale, rows_per_rank=[3, 4])  # wrong on both ranks
         message = "accepted"
     except ValueError as e:
         message = str(e)

@@ -1,9 +1,8 @@
-"""Batches onto the device: what the step reads, and the host-side lengths."""
+"""Batches onto the device: every batch in order, the model inputs moved, the lengths left on the host."""
 
 import torch
 
-from make_dist.config import Config, LossConfig
-from make_dist.train.loop import Worker, step_inputs
+from make_dist.data.stream import Batch
 from make_dist.train.prefetch import prefetch
 
 
@@ -14,8 +13,8 @@ def host_batches(n=3, b=4, slots=5):
         tokens[..., 7:] = 0  # padding after 7 real tokens
         mask = torch.rand(b, slots, generator=g) > 0.3
         mask[:, 0] = True
-        yield {"image": torch.randint(0, 256, (b, 3, 8, 8), generator=g, dtype=torch.uint8), "tokens": tokens, "mask": mask,
-               "keys": [f"{i}-{j}" for j in range(b)], "skipped": torch.tensor(i)}
+        yield Batch(image=torch.randint(0, 256, (b, 3, 8, 8), generator=g, dtype=torch.uint8), tokens=tokens,
+                    mask=mask, lengths=7 * mask.long(), keys=[f"{i}-{j}" for j in range(b)], skipped=i)
 
 
 def test_prefetch_hands_over_every_batch_in_order():
@@ -23,18 +22,14 @@ def test_prefetch_hands_over_every_batch_in_order():
     want = list(host_batches())
     assert len(got) == 3
     for a, b in zip(got, want):
-        assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])
-        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["mask"], b["mask"])
-        assert a["keys"] == b["keys"] and int(a["skipped"]) == int(b["skipped"])
+        assert a.image.dtype == torch.uint8 and torch.equal(a.image, b.image)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and torch.equal(a.lengths, b.lengths)
+        assert a.keys == b.keys and a.skipped == b.skipped
 
 
-def test_step_inputs_count_lengths_of_the_slots_the_loss_reads():
-    clip = Config(loss=LossConfig(dkw=False, slra=False, subtexts=False, aspects=False))
-    for cfg, read in ((Config(), [0, 1, 2, 3, 4]), (clip, [0])):
-        w = Worker(cfg, 0, 1, torch.device("cpu"), None, None, 0, 0)
-        batch = next(host_batches())
-        inputs = step_inputs(w, batch)
-        keep = torch.zeros(5, dtype=torch.bool)
-        keep[read] = True
-        assert torch.equal(inputs["mask"], batch["mask"] & keep)
-        assert torch.equal(inputs["lengths"], 7 * inputs["mask"].long())
+def test_a_batch_moves_its_model_inputs_and_keeps_its_lengths_on_the_host():
+    """The text tower is planned from the lengths without reading the device."""
+    batch = next(host_batches())
+    moved = batch.to(torch.device("meta"))
+    assert {f for f in ("image", "tokens", "mask", "lengths") if getattr(moved, f).is_meta} == set(Batch.DEVICE_FIELDS)
+    assert moved.lengths.device.type == "cpu" and len(moved) == 4

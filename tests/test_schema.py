@@ -1,12 +1,13 @@
-"""SPEC section 1: slots, sentence decomposition, column mappings."""
+"""The sample schema (docs/spec.md, section 1): slots, sentence decomposition, column maps."""
 
 import math
 
 import pytest
 
 from make_dist.data.schema import (
-    Columns, RowError, Sample, concept_text, disease_text, load_columns, n_slots, split_sentences,
+    ColumnMap, RowError, Sample, concept_text, disease_text, load_column_map, split_sentences,
 )
+from make_dist.slots import n_slots
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_sample_slots():
 
 
 def test_structured_columns_are_templated():
-    cols = Columns(disease="disease", concepts="concepts", label="label", extra=["site"])
+    cols = ColumnMap(disease="disease", concepts="concepts", label="label", extra=["site"])
     row = {"image": "a.jpg", "caption": "Red plaque. Scaly.", "disease": "inflammatory, psoriasis",
            "concepts": "plaque, scale", "label": "psoriasis", "site": "elbow"}
     s = cols.sample(row)
@@ -51,7 +52,7 @@ def test_structured_columns_are_templated():
 
 
 def test_missing_markers_and_nan_are_empty():
-    cols = Columns(disease="disease", concepts="concepts", missing=["", "nan", "no definitive diagnosis"])
+    cols = ColumnMap(disease="disease", concepts="concepts", missing=["", "nan", "no definitive diagnosis"])
     s = cols.sample({"image": "a", "caption": "C", "disease": "No definitive diagnosis", "concepts": math.nan})
     assert s.disease_text is None and s.concept_text is None
 
@@ -64,14 +65,14 @@ def test_subtexts_from_a_native_list_column(tmp_path):
                           "subs": [["x", " y ", ""], [], None]})
     frame.to_parquet(tmp_path / "t.parquet")
     rows = pd.read_parquet(tmp_path / "t.parquet").to_dict("records")
-    cols = Columns(subtexts="subs")
+    cols = ColumnMap(subtexts="subs")
     assert [cols.sample(r).subtexts for r in rows] == [["x", "y"], ["E"], ["F"]]  # empty lists: the sentences
     with pytest.raises(RowError, match="not a list of texts"):
         cols.sample({"image": "a", "caption": "C", "subs": [1, 2]})
 
 
 def test_subtexts_from_json_column():
-    cols = Columns(subtexts="subs")
+    cols = ColumnMap(subtexts="subs")
     assert cols.sample({"image": "a", "caption": "C. D.", "subs": '["x", " y ", ""]'}).subtexts == ["x", "y"]
     assert cols.sample({"image": "a", "caption": "C. D.", "subs": ""}).subtexts == ["C", "D"]
     with pytest.raises(RowError, match="not a JSON list"):
@@ -89,28 +90,28 @@ def test_subtexts_from_json_column():
 )
 def test_bad_rows_raise_with_reason(row, reason):
     with pytest.raises(RowError, match=reason):
-        Columns().sample(row)
+        ColumnMap().sample(row)
 
 
 def test_shipped_mappings(repo_root):
-    example = load_columns(repo_root / "configs/columns/make_example.yaml")
+    example = load_column_map(repo_root / "configs/columns/make_example.yaml")
     row = {"filename": "x.jpg", "truncated_caption": "Red. Scaly.", "ontology_caption": "This is a skin photo diagnosed as x.",
            "visual_concept_caption": "This skin photo shows y.", **{f"subcaption_{i}": "" for i in range(1, 9)}}
     row["subcaption_1"], row["subcaption_3"] = "first", "third"
     s = example.sample(row)
     assert s.disease_text == row["ontology_caption"] and s.concept_text == row["visual_concept_caption"]
     assert s.subtexts == ["first", "third"]
-    derm = load_columns(repo_root / "configs/columns/derm1m.yaml")
+    derm = load_column_map(repo_root / "configs/columns/derm1m.yaml")
     s = derm.sample({"filename": "y.jpg", "truncated_caption": "C", "hierarchical_disease_label": "No definitive diagnosis",
                      "skin_concept": "papule, pustule", "disease_label": "acne", "body_location": "face", "source": "pubmed"})
     assert s.disease_text is None and s.concept_text == "This skin photo shows papule, pustule."
-    assert load_columns(repo_root / "configs/columns/synthetic.yaml").disease == "disease"
+    assert load_column_map(repo_root / "configs/columns/synthetic.yaml").disease == "disease"
 
 
 def test_bad_mapping_names_file(tmp_path):
-    from make_dist.config import ConfigError
+    from make_dist.errors import ConfigError
 
     path = tmp_path / "m.yaml"
     path.write_text("image: a\ncaptions: b\n")
     with pytest.raises(ConfigError, match=r"m\.yaml: unknown key columns\.captions"):
-        load_columns(path)
+        load_column_map(path)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from make_dist.config import ModelConfig
-from make_dist.data.schema import Columns, Sample, load_columns
+from make_dist.config import DataConfig, ModelConfig
+from make_dist.data.schema import ColumnMap, Sample, load_column_map
 from make_dist.data.shards import write_shards
-from make_dist.data.stream import StreamConfig, make_loader, shard_urls
+from make_dist.data.stream import make_loader, shard_urls
 from make_dist.model import tokenizer
 
 EXE = Path(sys.executable).parent / "make-dist"
@@ -37,7 +37,7 @@ def tok():
 
 @pytest.fixture
 def table(tmp_path):
-    """Good rows of every shape, and a bad row for each case of SPEC/issue."""
+    """Good rows of every shape, and a bad row for each way a row can fail."""
     img = tmp_path / "img"
     save_image(img / "a.jpg")
     save_image(img / "b.png", fmt="PNG", mode="RGBA")
@@ -67,7 +67,7 @@ def table(tmp_path):
     return path, img
 
 
-COLUMNS = Columns(disease="disease", concepts="concepts", subtexts="subtexts")
+COLUMNS = ColumnMap(disease="disease", concepts="concepts", subtexts="subtexts")
 GOOD = {0, 1, 2}
 
 
@@ -91,11 +91,11 @@ def test_round_trip_exact_texts_and_masks(table, tmp_path, tok):
     assert big.format == "JPEG" and max(big.size) == 200  # downscaled at write time
     assert Image.open(io.BytesIO(members["000000001.jpg"])).mode == "RGB"  # RGBA PNG re-encoded
 
-    loader = make_loader(StreamConfig(urls=shard_urls(str(tmp_path / "out/manifest.json")), batch_size=8,
-                                      image_size=32, k=4, train=False, resampled=False, shuffle_buffer=0, num_workers=0), tok)
-    (batch,) = list(loader)
-    assert batch["keys"] == [f"{r:09d}" for r in sorted(GOOD)]
-    assert batch["image"].shape == (3, 3, 32, 32) and batch["tokens"].shape == (3, 7, 77)
+    data = DataConfig(train_shards=str(tmp_path / "out/manifest.json"), batch_size=8, subtexts=4, augment=False,
+                      resampled=False, shuffle_buffer=0, num_workers=0)
+    (batch,) = list(make_loader(data, tok, image_size=32))
+    assert batch.keys == [f"{r:09d}" for r in sorted(GOOD)]
+    assert batch.image.shape == (3, 3, 32, 32) and batch.tokens.shape == (3, 7, 77)
     want = [
         ["Red plaque on the elbow. Itchy for years.", "This is a skin photo diagnosed as inflammatory, psoriasis.",
          "This skin photo shows plaque, erythema.", "Red plaque on the elbow", "Itchy for years", None, None],
@@ -104,10 +104,10 @@ def test_round_trip_exact_texts_and_masks(table, tmp_path, tok):
          "custom one", "custom two", None, None],
     ]
     for b, texts in enumerate(want):
-        assert batch["mask"][b].tolist() == [t is not None for t in texts]
+        assert batch.mask[b].tolist() == [t is not None for t in texts]
         for n, text in enumerate(texts):
             expected = tok([text])[0] if text else torch.zeros(77, dtype=torch.long)
-            assert torch.equal(batch["tokens"][b, n], expected), (b, n)
+            assert torch.equal(batch.tokens[b, n], expected), (b, n)
 
 
 def test_make_example_layout(tmp_path, repo_root, tok):
@@ -119,7 +119,7 @@ def test_make_example_layout(tmp_path, repo_root, tok):
            **{f"subcaption_{i}": "" for i in range(1, 9)}}
     row["subcaption_1"], row["subcaption_2"] = "Scaly plaques", "On the knee"
     pd.DataFrame([row]).to_parquet(tmp_path / "example.parquet")
-    columns = load_columns(repo_root / "configs/columns/make_example.yaml")
+    columns = load_column_map(repo_root / "configs/columns/make_example.yaml")
     manifest = write_shards(str(tmp_path / "example.parquet"), str(tmp_path / "out"), columns,
                             images_root=str(img), workers=1, progress=False)
     assert manifest["samples"] == 1
@@ -136,7 +136,7 @@ def test_parquet_typed_fields(tmp_path):
                           "label": ["x", "y", "z"]})
     frame["count"] = [1, 2, 3]
     frame.to_parquet(tmp_path / "t.parquet")
-    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), Columns(label="count"),
+    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ColumnMap(label="count"),
                             images_root=str(img), workers=1, progress=False)
     reasons = {s["row"]: s["reason"] for s in manifest["skipped"]}
     assert "empty caption" in reasons[1] and "label (column 'count') is int" in reasons[0]
@@ -149,7 +149,7 @@ def test_parquet_list_column_of_subtexts(tmp_path):
     frame = pd.DataFrame({"image": ["a.jpg", "a.jpg"], "caption": ["One. Two.", "Three."],
                           "subtexts": [["first", "second"], []]})
     frame.to_parquet(tmp_path / "t.parquet")
-    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), Columns(subtexts="subtexts"),
+    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ColumnMap(subtexts="subtexts"),
                             images_root=str(img), workers=1, progress=False)
     assert manifest["samples"] == 2 and manifest["skipped"] == []
     with tarfile.open(tmp_path / "out/shard-000000.tar") as tar:
@@ -162,12 +162,12 @@ def test_table_errors_name_file_and_column(tmp_path):
 
     (tmp_path / "t.csv").write_text("img,caption\na.jpg,x\n")
     with pytest.raises(UserError, match=r"t\.csv: no column 'image' \(the table has: img, caption\)"):
-        write_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), Columns(), progress=False)
+        write_shards(str(tmp_path / "t.csv"), str(tmp_path / "o"), ColumnMap(), progress=False)
     (tmp_path / "e.csv").write_text("image,caption\n")
     with pytest.raises(UserError, match="no rows"):
-        write_shards(str(tmp_path / "e.csv"), str(tmp_path / "o"), Columns(), progress=False)
+        write_shards(str(tmp_path / "e.csv"), str(tmp_path / "o"), ColumnMap(), progress=False)
     with pytest.raises(UserError, match="table not found"):
-        write_shards(str(tmp_path / "nope.csv"), str(tmp_path / "o"), Columns(), progress=False)
+        write_shards(str(tmp_path / "nope.csv"), str(tmp_path / "o"), ColumnMap(), progress=False)
 
 
 def test_memory_fs_shards_and_stream(tmp_path, tok):
@@ -177,14 +177,14 @@ def test_memory_fs_shards_and_stream(tmp_path, tok):
     fs.pipe("/src/images/g.jpg", buf.getvalue())
     pd.DataFrame({"image": ["g.jpg"] * 5, "caption": [f"Green {i}. Round." for i in range(5)]}).to_csv(
         tmp_path / "t.csv", index=False)
-    manifest = write_shards(str(tmp_path / "t.csv"), "memory://shards", Columns(),
+    manifest = write_shards(str(tmp_path / "t.csv"), "memory://shards", ColumnMap(),
                             images_root="memory://src/images", shard_size=2, workers=1, progress=False)
     assert manifest["samples"] == 5 and len(manifest["shards"]) == 3
     assert fs.exists("/shards/shard-000002.tar") and fs.exists("/shards/manifest.json")
-    urls = shard_urls("memory://shards/manifest.json")
-    batches = list(make_loader(StreamConfig(urls=urls, batch_size=2, image_size=32, train=False, resampled=False, shuffle_buffer=0,
-                                            num_workers=0), tok))
-    assert sum(len(b["keys"]) for b in batches) == 5
+    assert len(shard_urls("memory://shards/manifest.json")) == 3
+    data = DataConfig(train_shards="memory://shards/manifest.json", batch_size=2, augment=False, resampled=False,
+                      shuffle_buffer=0, num_workers=0)
+    assert sum(len(b) for b in make_loader(data, tok, image_size=32)) == 5
 
 
 def test_interrupted_run_leaves_no_corrupt_shard_and_resumes(tmp_path):

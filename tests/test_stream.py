@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from make_dist.config import ModelConfig
-from make_dist.data.stream import StreamConfig, image_transform, make_loader, shard_urls
+from make_dist.config import DataConfig, ModelConfig
+from make_dist.data.stream import image_transform, make_loader, shard_urls
 from make_dist.errors import UserError
 from make_dist.model import tokenizer
+from make_dist.slots import read_by_loss
+from make_dist.tokens import token_lengths
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +59,21 @@ def uneven_shards(tmp_path_factory):
 
 
 def keys_of(loader):
-    return [k for batch in loader for k in batch["keys"]]
+    return [k for batch in loader for k in batch.keys]
+
+
+def in_order(urls, **data):
+    """The data settings of evaluation: every sample once, no augmentation."""
+    return DataConfig(**{"train_shards": urls, "augment": False, "resampled": False, "shuffle_buffer": 0,
+                         "num_workers": 0, **data})
 
 
 def test_exact_mode_two_ranks_two_workers_see_each_sample_once(uneven_shards, tok):
     urls, keys = uneven_shards
     seen = []
     for rank in range(2):
-        cfg = StreamConfig(urls=urls, batch_size=4, image_size=32, train=False, resampled=False, shuffle_buffer=0,
-                           num_workers=2, rank=rank, world=2)
-        seen += keys_of(make_loader(cfg, tok))
+        data = in_order(urls, batch_size=4, num_workers=2)
+        seen += keys_of(make_loader(data, tok, image_size=32, rank=rank, world=2))
     assert sorted(seen) == sorted(keys)  # every sample, none twice
 
 
@@ -74,12 +81,11 @@ def test_resampled_mode_gives_every_rank_the_same_batch_count(uneven_shards, tok
     urls, _ = uneven_shards
     counts = []
     for rank in range(2):
-        cfg = StreamConfig(urls=urls[:3] if rank == 0 else urls[3:], batch_size=4, image_size=32, train=True,
-                           resampled=True, batches_per_worker=5, num_workers=2, rank=rank, world=2,
-                           shuffle_buffer=10)
-        batches = list(make_loader(cfg, tok))
+        data = DataConfig(train_shards=urls[:3] if rank == 0 else urls[3:], batch_size=4, augment=True,
+                          resampled=True, num_workers=2, shuffle_buffer=10)
+        batches = list(make_loader(data, tok, image_size=32, rank=rank, world=2, batches_per_worker=5))
         counts.append(len(batches))
-        assert all(b["image"].shape == (4, 3, 32, 32) for b in batches)  # full batches only
+        assert all(b.image.shape == (4, 3, 32, 32) for b in batches)  # full batches only
     assert counts == [10, 10]  # batches_per_worker x workers, however uneven the shards
 
 
@@ -91,11 +97,9 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
         data = b"{broken json" if i == 2 else record(key)
         members += [(f"{key}.jpg", image), (f"{key}.json", data)]
     write_tar(tmp_path / "bad.tar", members)
-    cfg = StreamConfig(urls=[str(tmp_path / "bad.tar")], batch_size=2, image_size=32, train=False, shuffle_buffer=0,
-                       resampled=False, num_workers=0)
-    batches = list(make_loader(cfg, tok))
+    batches = list(make_loader(in_order([str(tmp_path / "bad.tar")], batch_size=2), tok, image_size=32))
     assert keys_of(batches) == [f"{i:09d}" for i in (0, 3, 5)]
-    assert sum(int(b["skipped"]) for b in batches) == 3
+    assert sum(b.skipped for b in batches) == 3
 
 
 def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
@@ -107,10 +111,8 @@ def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
     write_tar(tmp_path / "whole.tar", members)
     data = (tmp_path / "whole.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.6)])
-    cfg = StreamConfig(urls=[str(tmp_path / "cut.tar")], batch_size=8, image_size=32, train=False, shuffle_buffer=0,
-                       resampled=False, num_workers=0)
-    batches = list(make_loader(cfg, tok))
-    assert 1 <= len(keys_of(batches)) < 4 and sum(int(b["skipped"]) for b in batches) >= 1
+    batches = list(make_loader(in_order([str(tmp_path / "cut.tar")], batch_size=8), tok, image_size=32))
+    assert 1 <= len(keys_of(batches)) < 4 and sum(b.skipped for b in batches) >= 1
 
 
 def test_pipe_urls_need_explicit_permission(uneven_shards, tok):
@@ -118,9 +120,23 @@ def test_pipe_urls_need_explicit_permission(uneven_shards, tok):
     piped = f"pipe:cat {urls[1]}"
     with pytest.raises(UserError, match="allow_pipe"):
         shard_urls(piped)
-    cfg = StreamConfig(urls=shard_urls(piped, allow_pipe=True), batch_size=4, image_size=32, train=False, shuffle_buffer=0,
-                       resampled=False, num_workers=0)
-    assert keys_of(make_loader(cfg, tok)) == [keys[25]]
+    with pytest.raises(UserError, match="allow_pipe"):
+        make_loader(in_order(piped, batch_size=4), tok, image_size=32)
+    assert keys_of(make_loader(in_order(piped, batch_size=4, allow_pipe=True), tok, image_size=32)) == [keys[25]]
+
+
+def test_only_the_slots_the_loss_reads_are_tokenised_with_their_lengths(uneven_shards, tok):
+    """The CLIP baseline reads the caption alone: one text a sample is
+    tokenised, and every encoded text's real length is counted on the way."""
+    urls, _ = uneven_shards
+    n = 8 + 3
+    for read in (None, read_by_loss(n, dkw=False, slra=False, mkcl_subtexts=False, mkcl_aspects=False)):
+        (batch,) = list(make_loader(in_order(urls[:1], batch_size=25), tok, image_size=32, read=read))
+        assert batch.tokens.shape == (25, n, 77)
+        expected = [0, 2, 3, 4] if read is None else [0]  # caption, concept text, 2 sentences; or the caption
+        assert batch.mask.any(0).nonzero().flatten().tolist() == expected
+        assert torch.equal(batch.lengths, token_lengths(batch.tokens) * batch.mask)
+        assert not batch.tokens[~batch.mask].any()  # what is not read is not tokenised
 
 
 def test_brace_patterns_expand(uneven_shards):

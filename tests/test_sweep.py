@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from make_dist.config import ConfigError
+from make_dist.errors import ConfigError
 from make_dist.sweep import load_sweep, search_space, trial_config
 
 
@@ -19,8 +19,8 @@ def write(tmp_path, repo_root, **sweep):
 def test_shipped_sweeps_load(repo_root):
     ablation, base = load_sweep(repo_root / "configs/sweep_ablation.yaml")
     rows = ablation.space["loss"]["grid"]
-    assert len(rows) == 5 and rows[0] == {"aspects": False, "subtexts": False, "slra": False, "dkw": False}
-    assert rows[-1] == {"aspects": True, "subtexts": True, "slra": True, "dkw": True}
+    assert len(rows) == 5 and rows[0] == {"mkcl_aspects": False, "mkcl_subtexts": False, "slra": False, "dkw": False}
+    assert rows[-1] == {"mkcl_aspects": True, "mkcl_subtexts": True, "slra": True, "dkw": True}
     assert ablation.metric == "eval/classify/top1" and base["evaluation"]["classify_table"]
     lr, _ = load_sweep(repo_root / "configs/sweep_lr_lambda.yaml")
     space = search_space(lr.space)
@@ -31,7 +31,7 @@ def test_shipped_sweeps_load(repo_root):
 def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
     _, base = load_sweep(write(tmp_path, repo_root))
     cfg = trial_config(base, {"optim.lr": 3e-4, "loss": {"slra": False, "dkw": False}})
-    assert cfg.optim.lr == 3e-4 and cfg.loss.slra is False and cfg.loss.dkw is False and cfg.loss.subtexts is True
+    assert cfg.optim.lr == 3e-4 and cfg.loss.slra is False and cfg.loss.dkw is False and cfg.loss.mkcl_subtexts is True
     assert cfg.model.name == "make-tiny"  # the rest from the base
 
 

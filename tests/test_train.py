@@ -125,11 +125,9 @@ def test_zero_stages_train_through_short_batches(tmp_path, shards, repo_root, ra
 def test_zero3_runs_the_same_text_passes_on_every_rank():
     """Length buckets differ between ranks; ZeRO-3's forward collectives need
     the same passes everywhere (a mismatch hung a 2-worker run here)."""
-    from make_dist.train.engine import text_batching
-
     for stage, want in ((0, "buckets"), (2, "buckets"), (3, "longest")):
-        assert text_batching(load_config(None, [f"train.zero_stage={stage}"])) == want
-    assert text_batching(load_config(None, ["train.zero_stage=3", "model.text_batching=full"])) == "full"
+        assert load_config(None, [f"train.zero_stage={stage}"]).text_batching() == want
+    assert load_config(None, ["train.zero_stage=3", "model.text_batching=full"]).text_batching() == "full"
 
 
 def test_evaluation_during_training_is_logged(tmp_path, shards, repo_root, ray_local):

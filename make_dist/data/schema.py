@@ -1,10 +1,6 @@
-"""The data schema (SPEC section 1): one sample, its N = K + 3 text slots, and
-how a table row becomes one. Every other data module reads this one.
-
-    slot 0      raw caption
-    slot 1      disease aspect   "This is a skin photo diagnosed as malignant, melanoma."
-    slot 2      concept aspect   "This skin photo shows plaque, scale, erythema."
-    slots 3..   subtexts: the caption's sentences, at most K
+"""The data schema (docs/spec.md, section 1): the texts of one sample, and how
+a table row becomes one through a column map. Every other data module reads
+this one; the order of the texts in a sample is make_dist/slots.py's.
 """
 
 from __future__ import annotations
@@ -15,18 +11,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-RAW, DISEASE, CONCEPT, FIRST_SUBTEXT = 0, 1, 2, 3
-DEFAULT_K = 8
+from ..slots import DEFAULT_K, n_slots
+from ..typed import build_section, read_yaml
 
 DISEASE_TEMPLATE = "This is a skin photo diagnosed as {}."
 CONCEPT_TEMPLATE = "This skin photo shows {}."
 
 # A sentence ends at . ! ? ; followed by whitespace or the end of the caption.
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
-
-
-def n_slots(k: int) -> int:
-    return k + FIRST_SUBTEXT
 
 
 def split_sentences(caption: str, k: int = DEFAULT_K) -> list[str]:
@@ -101,7 +93,7 @@ class RowError(ValueError):
 
 
 @dataclass
-class Columns:
+class ColumnMap:
     """Which table column holds what (configs/columns/*.yaml).
 
     `subtexts` is either one column holding a JSON list or a list of columns
@@ -206,20 +198,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_columns(path) -> Columns:
-    """A column mapping from YAML; unknown keys and wrong types name the file."""
-    import yaml
-
-    from ..config import ConfigError, build_section
-
-    try:
-        raw = yaml.safe_load(open(path).read()) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read column mapping: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a column mapping is a YAML mapping (image: ..., caption: ...)")
-    columns = build_section(Columns, raw, "columns", lambda section, key: str(path))
+def load_column_map(path) -> ColumnMap:
+    """A column map from YAML; unknown keys and wrong types name the file."""
+    raw = read_yaml(path, "column map")
+    columns = build_section(ColumnMap, raw, "columns", lambda section, key: str(path))
     columns.missing = [m.lower() for m in columns.missing]
     return columns

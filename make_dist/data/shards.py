@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
 from PIL import Image
 
+from ..config import Config
 from ..errors import UserError
-from .schema import DEFAULT_K, Columns, RowError
+from ..files import atomic_writer, open_image, read_bytes, write_atomic
+from ..slots import DEFAULT_K
+from .schema import ColumnMap, RowError
 
 MANIFEST = "manifest.json"
 PARTS = "_parts"
@@ -77,7 +81,7 @@ class Prepared:
     reason: str | None = None
 
 
-def prepare_row(row: int, cells: dict, columns: Columns, images_root: str | None,
+def prepare_row(row: int, cells: dict, columns: ColumnMap, images_root: str | None,
                 max_side: int | None, k: int, quality: int = 90) -> Prepared:
     """Texts and image of one row (runs in a worker process)."""
     path = cells.get(columns.image)
@@ -108,15 +112,9 @@ def load_image(url: str, max_side: int | None, quality: int = 90) -> bytes:
 
     A JPEG that needs no change is kept byte for byte (no second lossy pass).
     """
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
-    image = Image.open(io.BytesIO(data))
+    data = read_bytes(url)
+    image = open_image(data, fit=max_side)  # raises on truncated or empty files
     is_jpeg = image.format == "JPEG"
-    if max_side and max(image.size) > max_side:
-        image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
-    image.load()  # raises on truncated files
-    if image.width < 1 or image.height < 1:
-        raise ValueError("empty image")
     if max_side and max(image.size) > max_side:
         image = image.convert("RGB")
         image.thumbnail((max_side, max_side), Image.BICUBIC)
@@ -127,7 +125,7 @@ def load_image(url: str, max_side: int | None, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
-def write_shards(table: str, out: str, columns: Columns, *, images_root: str | None = None,
+def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str | None = None,
                  shard_size: int = 1000, image_max_side: int | None = None, k: int = DEFAULT_K,
                  workers: int | None = None, progress: bool = True) -> dict:
     """Write (or finish writing) the shards of a table; returns the manifest."""
@@ -191,20 +189,18 @@ def _write_shard(fs, root: str, i: int, shard_size: int, prepared: list[Prepared
 
     good = [p for p in prepared if p.reason is None]
     if good:
-        tmp, final = f"{root}/.tmp-{shard_name(i)}", f"{root}/{shard_name(i)}"
-        with fs.open(tmp, "wb") as f:
+        with atomic_writer(_url(fs, f"{root}/{shard_name(i)}")) as f:
             writer = wds.TarWriter(f)
             for p in good:
                 writer.write({"__key__": f"{p.row:09d}", "jpg": p.jpeg, "json": json.dumps(p.record).encode()})
             writer.close()
-        fs.mv(tmp, final)
     part = {
         "shard": shard_name(i) if good else None,
         "rows": [i * shard_size, i * shard_size + len(prepared)],
         "samples": len(good),
         "skipped": [{"row": p.row, "image": p.image_path, "reason": p.reason} for p in prepared if p.reason],
     }
-    _write_json(fs, f"{root}/{PARTS}/{shard_name(i)[:-4]}.json", part)
+    write_atomic(_url(fs, f"{root}/{PARTS}/{shard_name(i)[:-4]}.json"), json.dumps(part, indent=1))
 
 
 def _finished_parts(fs, root: str, shard_size: int) -> dict[int, dict]:
@@ -231,15 +227,14 @@ def _manifest(fs, root: str, out: str, table: str, n_shards: int, shard_size: in
         "subtexts": k,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    write_atomic(_url(fs, f"{root}/{MANIFEST}"), json.dumps(manifest, indent=1))
     return manifest
 
 
 def read_manifest(url: str) -> dict:
     """The manifest.json that `write_shards` leaves beside its shards."""
     try:
-        with fsspec.open(url, "rb") as f:
-            manifest = json.loads(f.read())
+        manifest = json.loads(read_bytes(url))
     except FileNotFoundError:
         raise UserError(f"shards manifest not found: {url}") from None
     except ValueError as e:
@@ -249,9 +244,36 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
-def _write_json(fs, path: str, data: dict) -> None:
-    tmp = path.rsplit("/", 1)
-    tmp = f"{tmp[0]}/.tmp-{tmp[1]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(data, indent=1).encode())
-    fs.mv(tmp, path)
+def with_shards_manifest(cfg: Config) -> Config:
+    """What the shards' manifest decides: train.steps from train.epochs, and
+    whether the shards hold the K sentences data.subtexts asks for."""
+    shards = cfg.data.train_shards
+    manifest = read_manifest(shards) if isinstance(shards, str) and shards.endswith(MANIFEST) else None
+    if manifest is None:
+        if cfg.train.epochs is not None:
+            raise UserError(f"train.epochs = {cfg.train.epochs}: needs data.train_shards to name a {MANIFEST} "
+                            f"(written by `make-dist shards`), which counts the samples; got {shards!r}. "
+                            f"Set train.steps instead.")
+        return cfg
+    written_k = manifest.get("subtexts")
+    if written_k is not None and written_k < cfg.data.subtexts:
+        raise UserError(f"data.subtexts = {cfg.data.subtexts}, but the shards at {shards} were written with "
+                        f"--subtexts {written_k}: their captions keep at most {written_k} sentences. Set "
+                        f"data.subtexts={written_k}, or write the shards again with --subtexts {cfg.data.subtexts}.")
+    if cfg.train.epochs is None:
+        return cfg
+    samples = int(manifest.get("samples") or 0)
+    if samples <= 0:
+        raise UserError(f"train.epochs: the manifest {shards} counts no samples")
+    steps = steps_for_epochs(cfg.train.epochs, samples, cfg.data.batch_size * cfg.train.workers)
+    return replace(cfg, train=replace(cfg.train, steps=steps))
+
+
+def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
+    """Optimiser steps of `epochs` passes over `samples` at `global_batch` a step (the last one may be short)."""
+    return max(1, math.ceil(epochs * samples / global_batch - 1e-9))  # 1e-9: float noise of an exact division
+
+
+def _url(fs, path: str) -> str:
+    """A path of `fs` as a URL again (fsspec strips the scheme)."""
+    return fs.unstrip_protocol(path)

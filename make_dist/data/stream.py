@@ -1,7 +1,11 @@
-"""Streaming: WebDataset shards from any fsspec URL -> batches on every rank.
+"""Streaming: WebDataset shards from any fsspec URL -> finished batches on every rank.
 
-    batch = {"image": (B, 3, H, W) uint8, "tokens": (B, N, 77) int64,
-             "mask": (B, N) bool, "keys": [B str], "skipped": () int64}
+A `Batch` leaves the loader as the training step reads it: uint8 images (the
+model scales them on its device), the tokens of the slots the configured loss
+reads (the others are neither tokenised nor marked valid: the CLIP baseline
+tokenises one text a sample), and each text's real length, counted as it is
+tokenised, so the text tower can be planned without reading anything back
+from the GPU.
 
 Two modes:
 - resampled (training): every loader worker of every rank draws shards at
@@ -18,19 +22,23 @@ the worker's previous batch, for the trainer to sum and log.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
 import fsspec
 import torch
-from PIL import Image
 
+from .. import distributed
+from ..config import DataConfig
 from ..errors import UserError
-from .schema import DEFAULT_K, Sample, n_slots
+from ..files import open_image
+from ..slots import DEFAULT_K, n_slots
+from ..tokens import token_lengths
+from .schema import Sample
 from .shards import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
@@ -78,12 +86,12 @@ def open_shards(sources, handler):
 
 
 # ---------------------------------------------------------------------------
-# Samples
+# Samples and batches
 
 
 def image_transform(size: int, train: bool):
-    """SPEC section 6 augmentation for training; resize + centre crop for
-    evaluation. Gives uint8 (3, size, size): the model scales and normalises
+    """The paper's augmentation for training (docs/spec.md, section 6); resize +
+    centre crop for evaluation. Gives uint8 (3, size, size): the model scales and normalises
     on its device (`MakeModel.normalize`), so a batch crosses to the GPU at a
     quarter of the float size."""
     from torchvision import transforms as T
@@ -102,21 +110,44 @@ def image_transform(size: int, train: bool):
     ])
 
 
-def decode_image(data: bytes, size: int) -> Image.Image:
-    """RGB image; a JPEG is decoded at the smallest DCT scale that still covers `size`."""
-    image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG":
-        image.draft("RGB", (size, size))
-    return image.convert("RGB")
+@dataclass
+class Batch:
+    """One rank's batch, finished in the loader."""
+
+    image: torch.Tensor  # (B, 3, H, W) uint8
+    tokens: torch.Tensor  # (B, N, L) int64, zeros where a slot is not encoded
+    mask: torch.Tensor  # (B, N) bool: slot n of sample b holds a text the loss reads
+    lengths: torch.Tensor  # (B, N) int64: real tokens of each encoded text, 0 elsewhere
+    keys: list[str]
+    skipped: int = 0  # corrupt samples skipped by the loader worker since its previous batch
+    rows_per_rank: list[int] | None = None  # every rank's batch size, when the trainer knows them
+
+    # What the device reads. The lengths stay on the host: the text tower's
+    # length groups are planned from them without a sync.
+    DEVICE_FIELDS = ("image", "tokens", "mask")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device) -> "Batch":
+        return replace(self, **{k: getattr(self, k).to(device, non_blocking=True) for k in self.DEVICE_FIELDS})
+
+    def pin_memory(self) -> "Batch":  # the DataLoader calls it (pin_memory=True) for a faster copy
+        return replace(self, **{k: getattr(self, k).pin_memory() for k in self.DEVICE_FIELDS})
 
 
 class SampleDecoder:
-    """Shard members of one sample -> image tensor, tokens (N, L), mask (N,)."""
+    """Shard members of one sample -> image tensor, tokens (N, L), mask (N,), lengths (N,).
+
+    Only the slots in `read` are tokenised; the others stay empty and invalid."""
 
     CACHE_SIZE = 20_000  # texts; about 12 MB of tokens per loader worker
 
-    def __init__(self, tokenizer, transform, size: int, k: int = DEFAULT_K):
+    def __init__(self, tokenizer, transform, size: int, k: int = DEFAULT_K, read: Sequence[bool] | None = None):
         self.tokenizer, self.transform, self.size, self.k = tokenizer, transform, size, k
+        self.read = list(read) if read is not None else [True] * n_slots(k)
+        if len(self.read) != n_slots(k):
+            raise ValueError(f"read names {len(self.read)} slots; K = {k} makes {n_slots(k)}")
         self.context_length = tokenizer.context_length
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -124,16 +155,17 @@ class SampleDecoder:
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None or "json" not in sample:
             raise ValueError(f"sample {sample.get('__key__')} lacks an image or json member")
-        image = self.transform(decode_image(sample[ext], self.size))
+        image = self.transform(open_image(sample[ext], fit=self.size).convert("RGB"))
         tokens, mask = self.texts(Sample.from_json(json.loads(sample["json"])))
-        return {"image": image, "tokens": tokens, "mask": mask, "key": sample["__key__"]}
+        return {"image": image, "tokens": tokens, "mask": mask, "lengths": token_lengths(tokens) * mask,
+                "key": sample["__key__"]}
 
     def texts(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         slots = sample.texts(self.k)
         tokens = torch.zeros(n_slots(self.k), self.context_length, dtype=torch.long)
         mask = torch.zeros(n_slots(self.k), dtype=torch.bool)
         for n, text in enumerate(slots):
-            if text:
+            if text and self.read[n]:
                 tokens[n] = self.tokenize(text)
                 mask[n] = True
         return tokens, mask
@@ -170,89 +202,86 @@ class Batcher:
     def __init__(self, skips: SkipCounter):
         self.skips = skips
 
-    def __call__(self, samples: list[dict]) -> dict:
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "tokens": torch.stack([s["tokens"] for s in samples]),
-            "mask": torch.stack([s["mask"] for s in samples]),
-            "keys": [s["key"] for s in samples],
-            "skipped": torch.tensor(self.skips.take()),
-        }
+    def __call__(self, samples: list[dict]) -> Batch:
+        return Batch(
+            image=torch.stack([s["image"] for s in samples]),
+            tokens=torch.stack([s["tokens"] for s in samples]),
+            mask=torch.stack([s["mask"] for s in samples]),
+            lengths=torch.stack([s["lengths"] for s in samples]),
+            keys=[s["key"] for s in samples],
+            skipped=self.skips.take(),
+        )
 
 
 # ---------------------------------------------------------------------------
 # The pipeline
 
 
-@dataclass
-class StreamConfig:
-    urls: list[str]
-    batch_size: int
-    image_size: int
-    k: int = DEFAULT_K
-    train: bool = True  # training augmentation; False: resize + centre crop
-    resampled: bool = True
-    batches_per_worker: int | None = None  # resampled: the epoch length of each worker
-    num_workers: int = 2
-    rank: int | None = None  # None: from torch.distributed or RANK / WORLD_SIZE
-    world: int | None = None
-    seed: int = 0
-    shuffle_buffer: int = 1000  # 0: no shuffling
-
-
 def rank_and_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """The ones given, else the process group's, else RANK / WORLD_SIZE (a launcher's)."""
     if rank is not None and world is not None:
         return rank, world
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if distributed.world_size() > 1:
+        return distributed.rank(), distributed.world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_dataset(cfg: StreamConfig, tokenizer):
-    """The webdataset pipeline of one rank (iterable of batches)."""
+def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequence[bool] | None = None,
+                  rank: int | None = None, world: int | None = None, seed: int = 0,
+                  batches_per_worker: int | None = None):
+    """The webdataset pipeline of one rank (an iterable of Batch)."""
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    rank, world = rank_and_world(cfg.rank, cfg.world)
+    urls = shard_urls(data.train_shards, data.allow_pipe)
+    rank, world = rank_and_world(rank, world)
     skips = SkipCounter()
-    decoder = SampleDecoder(tokenizer, image_transform(cfg.image_size, cfg.train), cfg.image_size, cfg.k)
+    decoder = SampleDecoder(tokenizer, image_transform(image_size, data.augment), image_size, data.subtexts, read)
 
-    if cfg.resampled:
+    if data.resampled:
         def worker_seed():  # distinct per (rank, loader worker), the same on every run
             info = torch.utils.data.get_worker_info()
             return rank * 1000 + (info.id if info else 0)
 
-        stages = [wds.ResampledShards(cfg.urls, seed=cfg.seed, worker_seed=worker_seed, deterministic=True)]
+        stages = [wds.ResampledShards(urls, seed=seed, worker_seed=worker_seed, deterministic=True)]
     else:
-        if len(cfg.urls) < world:
-            log.warning("%d shards for %d ranks: some ranks get none", len(cfg.urls), world)
-        stages = [wds.SimpleShardList(cfg.urls[rank::world]), wds.split_by_worker]
+        if len(urls) < world:
+            log.warning("%d shards for %d ranks: some ranks get none", len(urls), world)
+        stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker]
     stages += [
         partial(open_shards, handler=skips),
         partial(tar_file_expander, handler=skips),
         partial(group_by_keys, handler=skips),
     ]
-    if cfg.shuffle_buffer > 0:
-        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100)))
+    if data.shuffle_buffer > 0:
+        stages.append(wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100)))
     stages += [
         wds.map(decoder, handler=skips),
-        wds.batched(cfg.batch_size, collation_fn=Batcher(skips), partial=not cfg.resampled),
+        wds.batched(data.batch_size, collation_fn=Batcher(skips), partial=not data.resampled),
     ]
     dataset = wds.DataPipeline(*stages)
-    if cfg.resampled:
-        if not cfg.batches_per_worker:
+    if data.resampled:
+        if not batches_per_worker:
             raise ValueError("resampled streaming needs batches_per_worker (the epoch length)")
-        dataset = dataset.with_epoch(cfg.batches_per_worker)
+        dataset = dataset.with_epoch(batches_per_worker)
     return dataset
 
 
-def make_loader(cfg: StreamConfig, tokenizer) -> torch.utils.data.DataLoader:
-    """Batches of one rank. Resampled: batches_per_worker * max(1, num_workers) per epoch."""
-    dataset = build_dataset(cfg, tokenizer)
+def make_loader(data: DataConfig, tokenizer, *, image_size: int, read: Sequence[bool] | None = None,
+                rank: int | None = None, world: int | None = None, seed: int = 0,
+                batches_per_worker: int | None = None) -> torch.utils.data.DataLoader:
+    """Batches of one rank from `data.train_shards`, `data.*` as configured.
+
+    read: the slots to tokenise (None: all). Resampled (`data.resampled`):
+    `batches_per_worker` x max(1, num_workers) full batches per epoch; in
+    order: each sample of the rank's shards once, the last batch maybe short.
+    rank and world default to torch.distributed's (or RANK / WORLD_SIZE)."""
+    dataset = build_dataset(data, tokenizer, image_size=image_size, read=read, rank=rank, world=world, seed=seed,
+                            batches_per_worker=batches_per_worker)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0 and cfg.resampled,
+        dataset, batch_size=None, num_workers=data.num_workers,
+        persistent_workers=data.num_workers > 0 and data.resampled,
         pin_memory=torch.cuda.is_available(),
         # batches held ahead per worker: fewer of the big ones (shared memory)
-        prefetch_factor=(4 if cfg.batch_size < 256 else 2) if cfg.num_workers > 0 else None,
+        prefetch_factor=(4 if data.batch_size < 256 else 2) if data.num_workers > 0 else None,
     )

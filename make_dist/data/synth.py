@@ -22,6 +22,7 @@ Everything is deterministic given the seed.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..files import atomic_writer, write_atomic
 
 # ---------------------------------------------------------------------------
 # The ontology
@@ -346,9 +349,8 @@ def make_item(args) -> dict:
     text = caption(case, rng)
     rel = f"images/{split}/{index:06d}.{fmt}"
     image = render(case, size, rng)
-    tmp = Path(out) / f"{rel}.tmp"
-    image.save(tmp, format="JPEG" if fmt == "jpg" else "PNG", quality=92)
-    os.replace(tmp, Path(out) / rel)
+    with atomic_writer(str(Path(out) / rel)) as f:
+        image.save(f, format="JPEG" if fmt == "jpg" else "PNG", quality=92)
     drop = rng.random(2)
     return {
         "image": rel,
@@ -399,15 +401,12 @@ def synthesize(out: str | Path, n: int = 1000, n_eval: int | None = None, size: 
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(str(path), text.getvalue())
 
 
 def _write_yaml(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(str(path), yaml.safe_dump(data, sort_keys=False))

@@ -1,4 +1,4 @@
-"""Metrics of the zero-shot protocols (SPEC section 5), on plain tensors."""
+"""Metrics of the zero-shot protocols (docs/spec.md, section 5), on plain tensors."""
 
 from __future__ import annotations
 

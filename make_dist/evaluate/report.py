@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from ..files import write_atomic
+from ..tracking import Run
 from .tasks import TaskResult
 
 
@@ -31,10 +33,7 @@ def table(results: dict[str, list[TaskResult]]) -> str:
 
 
 def write_json(path: str, results: dict[str, list[TaskResult]]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({m: [r.to_json() for r in rs] for m, rs in results.items()}, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({m: [r.to_json() for r in rs] for m, rs in results.items()}, indent=1))
 
 
 def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
@@ -78,36 +77,17 @@ def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
     return paths
 
 
-def log_mlflow(results: list[TaskResult], uri: str | None, run_id: str | None = None,
-               experiment: str = "make-dist-eval", run_name: str | None = None, step: int | None = None,
-               prefix: str = "eval") -> str:
-    """Metrics (`eval/<task>/<metric>`) and plots on a run: the given one, or a new one."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from ..train.tracking import default_tracking_uri, experiment_id
-
-    client = MlflowClient(uri or default_tracking_uri())
-    if run_id is None:
-        run_id = client.create_run(experiment_id(client, experiment), run_name=run_name).info.run_id
-        new = True
-    else:
-        new = False
-    metrics = [Metric(f"{prefix}/{r.task}/{k}", float(v), 0, step or 0)
-               for r in results for k, v in r.metrics.items() if v == v]
-    metrics += [Metric(f"{prefix}/{r.task}/scored", float(r.scored), 0, step or 0) for r in results]
-    client.log_batch(run_id, metrics=metrics)
+def log_results(run: Run, results: list[TaskResult], step: int = 0, prefix: str = "eval") -> None:
+    """Metrics (`eval/<task>/<metric>`, and how many images each scored), plots
+    and the results as JSON, on a run at a step."""
+    metrics = {f"{prefix}/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
+    metrics.update({f"{prefix}/{r.task}/scored": r.scored for r in results})
+    run.log_metrics(metrics, step)
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
             for path in plots(r, tmp, r.task):
-                client.log_artifact(run_id, path, artifact_path=f"{prefix}/{r.task}")
-        path = os.path.join(tmp, "results.json")
-        with open(path, "w") as f:
-            json.dump([r.to_json() for r in results], f, indent=1)
-        client.log_artifact(run_id, path, artifact_path=prefix)
-    if new:
-        client.set_terminated(run_id)
-    return run_id
+                run.log_file(path, f"{prefix}/{r.task}")
+    run.log_text(json.dumps([r.to_json() for r in results], indent=1), "results.json", prefix)
 
 
 def _save(fig, directory: str, name: str) -> str:

@@ -1,4 +1,4 @@
-"""The three zero-shot tasks (SPEC section 5) on a model and a table.
+"""The three zero-shot tasks (docs/spec.md, section 5) on a model and a table.
 
     classify  image + label       -> top-1, top-5, macro AUROC, confusion matrix
     concepts  image + 0/1 columns -> AUROC per concept and their mean
@@ -13,17 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import yaml
-from PIL import Image
 
+from ..config import TASKS
 from ..data.shards import resolve, table_rows
 from ..data.stream import image_transform
 from ..errors import UserError
-from ..model import token_lengths
+from ..files import open_image, read_bytes
+from ..tokens import token_lengths
+from ..typed import read_yaml
 from . import metrics
 from .prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
 
-TASKS = ("classify", "concepts", "retrieval")
 RECALL_KS = (10, 50, 100)
 
 
@@ -54,12 +54,8 @@ class _TableImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        import fsspec
-
         try:
-            with fsspec.open(resolve(self.paths[i], self.root), "rb") as f:
-                image = Image.open(f)
-                image.load()
+            image = open_image(read_bytes(resolve(self.paths[i], self.root)))
             return i, self.transform(image.convert("RGB")), None
         except FileNotFoundError:
             return i, None, "image not found"
@@ -77,7 +73,7 @@ def encode_images(model, paths: list[str], images_root: str | None, batch_size: 
     transform = image_transform(model.image_size, train=False)
     loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
-    device, _ = _device_dtype(model)
+    device = _device(model)
     embeddings, rows, skipped = [], [], []
     for items in loader:
         good = [(i, x) for i, x, reason in items if reason is None]
@@ -96,7 +92,7 @@ def encode_images(model, paths: list[str], images_root: str | None, batch_size: 
 def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Normalised embeddings of texts, each batch cut to its longest real text
     (the training rule, `token_lengths`: equal to the full-context encoding)."""
-    device, _ = _device_dtype(model)
+    device = _device(model)
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[start:start + batch_size])
@@ -105,9 +101,8 @@ def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> t
     return torch.cat(out)
 
 
-def _device_dtype(model):
-    p = next(model.parameters())
-    return p.device, p.dtype
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------------------
@@ -117,10 +112,7 @@ def _device_dtype(model):
 def load_classes(path: str) -> dict[str, list[str]]:
     """Class names and their synonyms: a YAML mapping `name: [synonyms]`, or a
     list of names or of `{name, synonyms}`."""
-    try:
-        raw = yaml.safe_load(open(path).read())
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the class list: {e.strerror}") from None
+    raw = read_yaml(path, "class list", (dict, list))
     if isinstance(raw, dict):
         classes = {str(k): [str(s) for s in (v or [])] for k, v in raw.items()}
     elif isinstance(raw, list):
@@ -130,8 +122,6 @@ def load_classes(path: str) -> dict[str, list[str]]:
                 classes[str(item["name"])] = [str(s) for s in item.get("synonyms") or []]
             else:
                 classes[str(item)] = []
-    else:
-        raise UserError(f"{path}: a class list is a YAML mapping of names to synonyms, or a list")
     if len(classes) < 2:
         raise UserError(f"{path}: at least 2 classes are needed, found {len(classes)}")
     return classes

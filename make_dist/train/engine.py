@@ -1,6 +1,8 @@
-"""DeepSpeed: the process group, the engine of one worker, its checkpoints.
+"""DeepSpeed: the process group, the engine of one worker, its checkpoints, and
+the mechanics of ZeRO-3 (what it changes is decided by Config.zero3 and
+Config.text_batching).
 
-Traps this module steps around (../shared/NOTES.md): the shared-memory comm
+Traps this module steps around (docs/traps.md): the shared-memory comm
 extension DeepSpeed would JIT-compile for 2+ minutes on a CPU machine; its own
 fused Adam (another JIT compile), replaced by a torch AdamW; parameters used
 outside their module's forward under ZeRO-3 (registered as external).
@@ -8,6 +10,7 @@ outside their module's forward under ZeRO-3 (registered as external).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -63,22 +66,21 @@ def register_zero3_externals(model: MakeModel) -> None:
             deepspeed.zero.register_external_parameter(model, param)
 
 
-def text_batching(cfg: Config) -> str:
-    """model.text_batching, except under ZeRO-3: a block's forward gathers its
-    parameters there (a collective), so every rank must run the same passes of
-    the text tower, and length buckets differ from rank to rank. One pass cut
-    to the batch's longest text keeps them in step."""
-    if cfg.train.zero_stage == 3 and cfg.model.text_batching == "buckets":
-        return "longest"
-    return cfg.model.text_batching
+def full_parameters(model: MakeModel, cfg: Config):
+    """Under ZeRO-3 each rank holds a shard of every parameter: gather them all
+    (every rank enters together). A no-op for the other stages."""
+    if not cfg.zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def build_engine(model: MakeModel, cfg: Config, world: int):
     """The DeepSpeed engine around the model, optimiser and schedule."""
     import deepspeed
 
-    model.text_batching = text_batching(cfg)
-    if cfg.train.zero_stage == 3:
+    if cfg.zero3:
         register_zero3_externals(model)
     fused = cfg.train.use_gpu if cfg.optim.fused is None else cfg.optim.fused
     optimizer, schedule = build_optimizer(model, cfg.optim, cfg.train.steps, fused=fused)

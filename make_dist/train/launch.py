@@ -9,29 +9,31 @@ from its latest checkpoint.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from dataclasses import dataclass, replace
 
 import fsspec
 
 from ..config import Config
-from ..data.shards import MANIFEST, read_manifest
+from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import UserError
-from .tracking import RunTracker, tracking_uri
+from ..tracking import Run, log_curves, open_run, tracking_uri
+from .loop import WorkerPlan, train_worker
 
 
 @dataclass
 class FitResult:
-    run_dir: str
-    run_id: str
-    tracking_uri: str
-    metrics: dict
+    run_dir: str  # checkpoints and the exported model (RUN_DIR/model)
+    run: Run  # the MLflow run
+    metrics: dict  # the last report (step, loss, held-out metrics)
 
 
-def absolute(url: str) -> str:
+def absolute(url: str | list[str]) -> str | list[str]:
     """Local paths made absolute (Ray workers do not share the driver's cwd)."""
+    if isinstance(url, list):
+        return [absolute(u) for u in url]
     return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
 
@@ -43,7 +45,7 @@ def check(cfg: Config) -> Config:
     ev = cfg.evaluation
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute(cfg.data.train_shards)),
                   train=replace(cfg.train, storage=absolute(cfg.train.storage)),
-                  tracking=replace(cfg.tracking, uri=tracking_uri(cfg)),  # the driver's store, for every process
+                  tracking=replace(cfg.tracking, uri=tracking_uri(cfg.tracking.uri)),  # the driver's store, for all
                   evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
                                             ("classify_table", "classes", "concepts_table", "retrieval_table",
                                              "images_root") if getattr(ev, k)}))
@@ -58,36 +60,6 @@ def check(cfg: Config) -> Config:
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
-
-
-def with_shards_manifest(cfg: Config) -> Config:
-    """What the shards' manifest decides: train.steps from train.epochs, and
-    whether the shards hold the K sentences data.subtexts asks for."""
-    shards = cfg.data.train_shards
-    manifest = read_manifest(shards) if shards and shards.endswith(MANIFEST) else None
-    if manifest is None:
-        if cfg.train.epochs is not None:
-            raise UserError(f"train.epochs = {cfg.train.epochs}: needs data.train_shards to name a {MANIFEST} "
-                            f"(written by `make-dist shards`), which counts the samples; got {shards!r}. "
-                            f"Set train.steps instead.")
-        return cfg
-    written_k = manifest.get("subtexts")
-    if written_k is not None and written_k < cfg.data.subtexts:
-        raise UserError(f"data.subtexts = {cfg.data.subtexts}, but the shards at {shards} were written with "
-                        f"--subtexts {written_k}: their captions keep at most {written_k} sentences. Set "
-                        f"data.subtexts={written_k}, or write the shards again with --subtexts {cfg.data.subtexts}.")
-    if cfg.train.epochs is None:
-        return cfg
-    samples = int(manifest.get("samples") or 0)
-    if samples <= 0:
-        raise UserError(f"train.epochs: the manifest {shards} counts no samples")
-    steps = steps_for_epochs(cfg.train.epochs, samples, cfg.data.batch_size * cfg.train.workers)
-    return replace(cfg, train=replace(cfg.train, steps=steps))
-
-
-def steps_for_epochs(epochs: float, samples: int, global_batch: int) -> int:
-    """Optimiser steps of `epochs` passes over `samples` at `global_batch` a step (the last one may be short)."""
-    return max(1, math.ceil(epochs * samples / global_batch - 1e-9))  # 1e-9: float noise of an exact division
 
 
 def _exists(url: str) -> bool:
@@ -107,27 +79,24 @@ def init_ray() -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
 
 
-def fit(cfg: Config, *, parent_run_id: str | None = None, callbacks: list | None = None,
+def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
         params: dict | None = None) -> FitResult:
-    """Train. A sweep's trial passes its parent MLflow run, Tune's report
-    callback and the sampled parameters (logged beside the config)."""
+    """Train: check -> MLflow run -> Ray -> Ray Train's fit -> curves and status.
+    A sweep's trial passes its parent MLflow run, Tune's report callback and
+    the sampled parameters (logged beside the config)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_worker
-
     cfg = check(cfg)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
-    tracker = RunTracker(cfg, run_dir, parent_run_id=parent_run_id,
-                         params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
-    print(f"make-dist: MLflow run {tracker.run_id} at {tracker.uri}")
-    if tracker.uri.startswith("sqlite:"):
-        print(f"make-dist: see it with  mlflow ui --backend-store-uri {tracker.uri}")
+    run = open_run(cfg, run_dir, parent=parent,
+                   params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
+    print(f"make-dist: MLflow run {run.id} at {run.uri}")
+    if run.uri.startswith("sqlite:"):
+        print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
     init_ray()
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_id": tracker.run_id, "tracking_uri": tracker.uri,
-                           "run_dir": run_dir},
+        functools.partial(train_worker, WorkerPlan(cfg, run_dir, run)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -141,11 +110,11 @@ def fit(cfg: Config, *, parent_run_id: str | None = None, callbacks: list | None
     try:
         result = trainer.fit()
     except BaseException:
-        tracker.finish(ok=False)
+        run.finish("FAILED")
         raise
-    tracker.finish(ok=True)
-    metrics = dict(result.metrics or {})
-    return FitResult(run_dir, tracker.run_id, tracker.uri, metrics)
+    log_curves(run, cfg.train.name)
+    run.finish("FINISHED")
+    return FitResult(run_dir, run, dict(result.metrics or {}))
 
 
 def _resources(cfg: Config) -> dict:

@@ -1,4 +1,4 @@
-"""Optimiser and schedule (SPEC section 6): AdamW without weight decay on
+"""Optimiser and schedule (docs/spec.md, section 6): AdamW without weight decay on
 biases, norms and the logit scale; linear warm-up then cosine decay to 0."""
 
 from __future__ import annotations

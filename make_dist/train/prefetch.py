@@ -3,7 +3,9 @@
 On a GPU the loader's pinned host tensors are copied on a side CUDA stream
 while the previous step computes, so the step never waits for its inputs
 to cross PCIe; the compute stream waits only for that copy. On a CPU the
-batch is handed over as it is.
+batch is handed over as it is. What moves is `Batch.DEVICE_FIELDS`; the
+text lengths stay on the host on purpose (the text tower is planned from
+them without a sync).
 """
 
 from __future__ import annotations
@@ -12,26 +14,21 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-DEVICE_KEYS = ("image", "tokens", "mask")  # the rest (lengths, keys, counts) stays on the host
+from ..data.stream import Batch
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch with its model inputs (uint8 images, tokens, mask) on `device`."""
-    return {**batch, **{k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS}}
-
-
-def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
+def prefetch(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
     """Yield each batch on the device; on CUDA the next one is already on its way."""
     if device.type != "cuda":
         for batch in batches:
-            yield to_device(batch, device)
+            yield batch.to(device)
         return
     stream = torch.cuda.Stream(device)
     compute = torch.cuda.current_stream(device)
 
-    def start(batch):
+    def start(batch: Batch) -> Batch:
         with torch.cuda.stream(stream):
-            return to_device(batch, device)
+            return batch.to(device)
 
     source = iter(batches)
     ahead = next(source, None)
@@ -39,8 +36,8 @@ def prefetch(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
     while ahead is not None:
         compute.wait_stream(stream)  # the copy of this batch is done before the step reads it
         batch = ahead
-        for key in DEVICE_KEYS:  # memory made on the side stream, used on the compute stream
-            batch[key].record_stream(compute)
+        for key in Batch.DEVICE_FIELDS:  # memory made on the side stream, used on the compute stream
+            getattr(batch, key).record_stream(compute)
         following = next(source, None)
         ahead = start(following) if following is not None else None
         yield batch
