@@ -177,7 +177,7 @@ def test_patch_pool_writes_every_element():
 @pytest.mark.parametrize("dkw,slra,mkcl_subtexts,sigma", [
     (True, True, True, 0.0), (True, True, False, 0.1), (False, True, True, 0.0), (True, False, True, 0.0),
 ])
-def test_make_loss_triton_equals_torch(dkw, slra, mkcl_subtexts, sigma):
+def test_loss_on_the_kernels_equals_the_dense_loss(dkw, slra, mkcl_subtexts, sigma):
     image, patches, texts, mask, scale = random_inputs(B=6, N=7, D=16, P=10,
                                                        seed=int(dkw) + 2 * int(slra) + 4 * int(mkcl_subtexts))
     mask = with_missing(mask)
@@ -196,7 +196,7 @@ def test_make_loss_triton_equals_torch(dkw, slra, mkcl_subtexts, sigma):
         close(a, b, 5e-6)
 
 
-def test_make_loss_triton_equals_torch_on_bf16():
+def test_loss_on_the_kernels_equals_the_dense_loss_on_bf16():
     """Values and gradients of the whole objective on bf16 embeddings."""
     image, patches, texts, mask, scale = random_inputs(B=8, N=7, D=32, P=10, seed=12)
     mask = with_missing(mask)
