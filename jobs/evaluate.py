@@ -5,12 +5,9 @@
         --table data/eval/classify.csv --images-root data --classes data/classes.yaml
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, under --working-dir
-
-from make_dist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(run("eval"))

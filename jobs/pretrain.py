@@ -8,12 +8,9 @@ Run directly it starts an embedded local Ray; under `ray job submit` it joins
 that cluster. Rerunning with the same train.name and train.storage resumes.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, under --working-dir
-
-from make_dist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run("train"))

@@ -4,12 +4,9 @@
         python jobs/sweep.py --config configs/sweep_ablation.yaml
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, under --working-dir
-
-from make_dist.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(run("sweep"))

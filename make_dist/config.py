@@ -21,6 +21,7 @@ from .typed import build_section, read_yaml
 
 # The choices of the keys below that take one of a few values.
 TEXT_BATCHING = ("buckets", "longest", "full")
+CAPTIONS = ("raw", "knowledge")  # slot 0: the caption, or the aspect texts + caption (make_dist/data/schema.py)
 BACKENDS = ("torch", "triton", "auto")
 TASKS = ("classify", "concepts", "retrieval")  # the zero-shot tasks (make_dist/evaluate/tasks.py)
 GRAD_CHECKPOINTING = (False, True, "image", "text")
@@ -75,6 +76,10 @@ class DataConfig:
     allow_pipe: bool = False  # `pipe:` URLs run shell commands: opt in explicitly
     shuffle_buffer: int = 1000  # samples per loader worker; 0: keep the shards' order
     augment: bool = True  # the paper's augmentation (docs/spec.md, section 6); off: resize + centre crop
+    # Slot 0: "raw", the caption as written; "knowledge", the disease and
+    # concept texts put before it (the paper's knowledge-augmented CLIP
+    # baseline, Derm1M-dagger: train it with the CLIP objective).
+    caption: str = "raw"
     # True: shards drawn at random by every rank, the same step count everywhere.
     # False: each rank reads its share of the shards in order, epoch after epoch
     # (reproducible; an epoch ends for all ranks when the first runs out).
@@ -85,6 +90,7 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
         _require(self.subtexts >= 1, "subtexts", "must be >= 1")
+        _require(self.caption in CAPTIONS, "caption", f"must be one of {list(CAPTIONS)}")
 
 
 @dataclass
@@ -218,6 +224,15 @@ class Config:
         if self.zero3 and self.model.text_batching == "buckets":
             return "longest"
         return self.model.text_batching
+
+    def objective(self) -> str:
+        """The arm of the paper's Table 1 this config trains: "clip" (every MAKE
+        term off, the raw caption), "clip-knowledge" (the same on the
+        knowledge-augmented caption, Derm1M-dagger) or "make" (any MAKE term on)."""
+        loss = self.loss
+        if loss.dkw or loss.slra or loss.mkcl_subtexts or loss.mkcl_aspects:
+            return "make"
+        return "clip-knowledge" if self.data.caption == "knowledge" else "clip"
 
     def flat(self) -> dict[str, Any]:
         """{"section.key": value}: the form experiment trackers log as params."""

@@ -1,70 +1,144 @@
-"""`make-dist demo`: the whole path on a laptop, with nothing to download.
+"""`make-dist demo`: the paper's claim as a small experiment on a laptop.
 
-    synthesise a dermatology set -> write shards -> train the tiny model with
-    2 Ray workers under ZeRO-2 on the CPU, tracked in MLflow, evaluated
-    zero-shot on the held-out tables -> the same with the CLIP objective ->
-    both side by side
+    synthesise a dermatology set whose captions often omit the diagnosis
+    (the knowledge texts never do) -> write shards -> train the tiny model
+    three ways on the same data and steps (2 Ray workers, ZeRO-2, CPU,
+    tracked in MLflow), as in the paper's Table 1:
+        MAKE                  every term of the objective
+        CLIP                  the CLIP objective on the raw captions
+        CLIP + knowledge      the CLIP objective on the captions with the
+                              disease and concept texts put before them
+    -> score each zero-shot on the same held-out images -> print every
+    metric with its 95% bootstrap interval, and MAKE minus each baseline
+    with its paired interval.
+
+The terminal shows the stages and a step bar; Ray's, the workers' and the
+libraries' logs go to files whose paths are printed.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_config
 from .data.schema import load_column_map
 from .data.shards import write_shards
 from .data.synth import synthesize
-from .train.launch import fit
+from .evaluate import bootstrap
+from .files import write_atomic
+from .progress import logs_to_file
+from .train.launch import fit, ray_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
-# The CLIP baseline: every MAKE switch off, the raw caption alone.
-CLIP_SWITCHES = ["loss.dkw=false", "loss.slra=false", "loss.mkcl_subtexts=false", "loss.mkcl_aspects=false"]
-SHOWN = ("classify/top1", "classify/top5", "classify/macro_auroc", "concepts/mean_auroc",
-         "retrieval/i2t_R10", "retrieval/t2i_R10", "retrieval/mean_recall")
+CLIP = ["loss.dkw=false", "loss.slra=false", "loss.mkcl_subtexts=false", "loss.mkcl_aspects=false"]
+ARMS = {  # label -> overrides of the demo's config
+    "MAKE": [],
+    "CLIP": CLIP,
+    "CLIP + knowledge": CLIP + ["data.caption=knowledge"],
+}
+BASELINES = ("CLIP", "CLIP + knowledge")
 
 
-def run_demo(out: str = "demo", n: int = 2000, steps: int = 200, workers: int = 2) -> dict:
+@dataclass
+class DemoResult:
+    minutes: float
+    estimates: dict  # arm -> metric -> Estimate
+    differences: dict  # baseline -> metric -> Estimate (MAKE minus the baseline)
+    runs: dict  # arm -> run folder
+    chance_top1: float
+
+
+def run_demo(out: str = "demo", n: int = 4000, n_eval: int = 1000, steps: int = 250, workers: int = 2,
+             seed: int = 0, named: float = 0.3) -> DemoResult:
     out_dir = Path(out).resolve()
     data = out_dir / "data"
     started = time.time()
-    print(f"[1/4] synthesising {n} training images (64 px) in {data}")
-    synthesize(data, n=n, size=64, seed=0)
-    print(f"[2/4] writing shards to {out_dir}/shards")
+    log_file = logs_to_file(str(out_dir / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+    stages = 2 + len(ARMS)
+    print(f"make-dist demo: seed {seed}; the libraries' logs go to {log_file}")
+    print(f"[1/{stages}] synthesising {n} training and {n_eval} held-out images (64 px) in {data}; "
+          f"{named:.0%} of the captions name the diagnosis")
+    synthesize(data, n=n, n_eval=n_eval, size=64, seed=seed, named=named)
+    print(f"[2/{stages}] writing shards to {out_dir}/shards")
     manifest = write_shards(str(data / "train.csv"), str(out_dir / "shards"),
                             load_column_map(ROOT / "configs/columns/synthetic.yaml"),
                             images_root=str(data), shard_size=max(50, n // 20))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [
         f"data.train_shards={out_dir}/shards/manifest.json", f"train.storage={out_dir}/runs",
-        f"train.steps={steps}", f"train.workers={workers}", f"train.checkpoint_every={max(1, steps // 2)}",
-        "train.log_every=10", f"evaluation.classify_table={data}/eval/classify.csv",
-        f"evaluation.classes={data}/classes.yaml", f"evaluation.concepts_table={data}/eval/concepts.csv",
+        f"train.steps={steps}", f"train.workers={workers}", f"train.checkpoint_every={steps}",
+        f"train.seed={seed}", "train.log_every=10", "tracking.experiment=make-dist-demo",
+        f"evaluation.classify_table={data}/eval/classify.csv", f"evaluation.classes={data}/classes.yaml",
+        f"evaluation.concepts_table={data}/eval/concepts.csv",
         f"evaluation.retrieval_table={data}/eval/retrieval.csv", f"evaluation.images_root={data}",
     ]
-    runs = {}
-    for step, (label, extra) in enumerate((("MAKE", []), ("CLIP objective", CLIP_SWITCHES)), start=3):
-        print(f"[{step}/4] training the tiny model with the {label}: {workers} Ray workers, ZeRO-2, CPU, "
-              f"{steps} steps, then zero-shot evaluation")
-        cfg = load_config(CONFIG, common + extra + [f"train.name=demo-{stamp}-{label.split()[0].lower()}"])
-        runs[label] = fit(cfg)
-    scores = {label: r.run.metrics() for label, r in runs.items()}
-    minutes = (time.time() - started) / 60
-    chance = scores["MAKE"].get("eval/classify/chance_top1", float("nan"))
-    make_top1 = scores["MAKE"].get("eval/classify/top1", float("nan"))
+    fitted = {}
+    for stage, (label, extra) in enumerate(ARMS.items(), start=3):
+        cfg = load_config(CONFIG, common + extra + [f"train.name=demo-{stamp}-s{seed}-{_slug(label)}"])
+        print(f"[{stage}/{stages}] {label} ({cfg.objective()}): {steps} steps x {workers} Ray workers x batch "
+              f"{cfg.data.batch_size}, ZeRO-2 on the CPU, then zero-shot evaluation")
+        fitted[label] = fit(cfg, quiet=True)
+        if stage == 3:
+            print(f"  Ray's and the workers' logs: {ray_logs()}")
+
+    print("scoring: 95% bootstrap intervals (1,000 draws of the held-out images)")
+    details = {label: _details(r.run) for label, r in fitted.items()}
+    estimates = {label: {m: bootstrap.interval(m, details[label][task])
+                         for m, (task, _) in bootstrap.STATISTICS.items()} for label in ARMS}
+    differences = {base: {m: bootstrap.difference(m, details["MAKE"][task], details[base][task])
+                          for m, (task, _) in bootstrap.STATISTICS.items()} for base in BASELINES}
+    chance = fitted["MAKE"].run.metrics().get("eval/classify/chance_top1", float("nan"))
+    result = DemoResult((time.time() - started) / 60, estimates, differences,
+                        {label: r.run_dir for label, r in fitted.items()}, chance)
+    write_atomic(str(out_dir / "results.json"), json.dumps(_plain(result, seed, steps, workers, named), indent=1))
 
     print()
-    print(f"make-dist demo: done in {minutes:.1f} minutes; {manifest['samples']} training samples in "
-          f"{len(manifest['shards'])} shards, {steps} steps x {workers} workers x batch {cfg.data.batch_size}")
-    print(f"zero-shot on {data}/eval (every image of each table):")
-    print(f"  {'metric':24} {'MAKE':>8} {'CLIP objective':>15}")
-    for key in SHOWN:
-        values = [scores[label].get(f"eval/{key}") for label in runs]
-        print(f"  {key:24} " + " ".join(f"{v:>{w}.3f}" if v is not None else " " * w
-                                        for v, w in zip(values, (8, 15))))
-    print(f"  classification chance top-1 is {chance:.3f}; MAKE reaches {make_top1 / chance:.1f}x chance")
-    for label, r in runs.items():
+    print(f"make-dist demo: done in {result.minutes:.1f} minutes; {manifest['samples']} training samples, "
+          f"{steps} steps x {workers} workers x batch {cfg.data.batch_size} for each objective")
+    print(report(result, n_eval))
+    for label, r in fitted.items():
         print(f"  {label}: model {r.run_dir}/model, MLflow run {r.run.id}")
-    print(f"  MLflow: mlflow ui --backend-store-uri {runs['MAKE'].run.uri}")
-    return {"minutes": minutes, "scores": scores, "runs": {k: v.run_dir for k, v in runs.items()}}
+    print(f"  MLflow: mlflow ui --backend-store-uri {fitted['MAKE'].run.uri}   (results: {out_dir}/results.json)")
+    return result
+
+
+def report(result: DemoResult, n_eval: int) -> str:
+    """The table: one column per metric, a row per arm, then MAKE minus each baseline."""
+    metrics = list(bootstrap.STATISTICS)
+    lines = [f"zero-shot on {n_eval} held-out images, 95% bootstrap intervals:",
+             f"  {'':22}" + "".join(f"{m:>26}" for m in metrics)]
+    for label, row in result.estimates.items():
+        lines.append(f"  {label:22}" + "".join(f"{str(row[m]):>26}" for m in metrics))
+    for base, row in result.differences.items():
+        lines.append(f"  {'MAKE - ' + base:22}" + "".join(f"{_signed(row[m]):>26}" for m in metrics))
+    top1 = result.estimates["MAKE"]["classify/top1"].value
+    lines.append(f"  classification chance top-1 is {result.chance_top1:.3f}; MAKE reaches "
+                 f"{top1 / result.chance_top1:.1f}x chance. A difference whose interval excludes 0 is resolved.")
+    return "\n".join(lines)
+
+
+def _signed(e: bootstrap.Estimate) -> str:
+    return f"{e.value:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
+
+
+def _details(run) -> dict:
+    """task -> details of the run's final evaluation (its results.json in MLflow)."""
+    return {r["task"]: r["details"] for r in json.loads(run.read_text("eval/results.json"))}
+
+
+def _slug(label: str) -> str:
+    return "-".join(label.lower().replace("+", "").split())
+
+
+def _plain(result: DemoResult, seed: int, steps: int, workers: int, named: float) -> dict:
+    def row(estimates):
+        return {m: {"value": e.value, "low": e.low, "high": e.high} for m, e in estimates.items()}
+
+    return {"seed": seed, "steps": steps, "workers": workers, "named": named, "minutes": result.minutes,
+            "chance_top1": result.chance_top1, "runs": result.runs,
+            "arms": {label: row(e) for label, e in result.estimates.items()},
+            "make_minus": {base: row(e) for base, e in result.differences.items()}}

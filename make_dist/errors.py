@@ -8,3 +8,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and file."""
+
+
+class Interrupted(UserError):
+    """Stopped by Ctrl-C or SIGTERM; the message says what was kept and how to resume."""

@@ -112,6 +112,16 @@ class Run:
         """(step, value) of one metric, by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.id, key))
 
+    def read_text(self, path: str) -> str:
+        """An artifact of the run ("eval/results.json"), as text."""
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=self.id, artifact_path=path, dst_path=tmp,
+                                                        tracking_uri=self.uri)
+            with open(local) as f:
+                return f.read()
+
     def exists(self) -> bool:
         try:
             self.client.get_run(self.id)
@@ -131,11 +141,11 @@ def open_run(cfg: Config, run_dir: str, *, run_name: str | None = None, parent: 
     `params`, a sweep's own) and the driver's system facts. `parent` nests it
     (a sweep's trial)."""
     uri = tracking_uri(cfg.tracking.uri)
-    recorded = _recorded_run(uri, run_dir)
+    recorded = recorded_run(uri, run_dir)
     if recorded is not None:
         recorded.reopen()
         return recorded
-    tags = {"make_dist.run_dir": run_dir}
+    tags = {"make_dist.run_dir": run_dir, "make_dist.objective": cfg.objective()}
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.id
     run = Run.create(uri, cfg.tracking.experiment, run_name or cfg.tracking.run_name or cfg.train.name, tags)
@@ -172,7 +182,8 @@ def log_curves(run: Run, title: str) -> None:
         run.log_file(path, "plots")
 
 
-def _recorded_run(uri: str, run_dir: str) -> Run | None:
+def recorded_run(uri: str, run_dir: str) -> Run | None:
+    """The MLflow run recorded in a run folder, if there is one in this store."""
     try:
         run_id = read_bytes(f"{run_dir}/{RUN_ID_FILE}").decode().strip()
     except FileNotFoundError:

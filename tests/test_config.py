@@ -148,3 +148,15 @@ def test_missing_file():
 def test_flat_params():
     flat = Config().flat()
     assert flat["loss.lam"] == 0.7 and flat["train.zero_stage"] == 2
+
+
+def test_the_objective_names_the_arm_of_table_1():
+    """MLflow tags each run with it: any MAKE term on is MAKE; all off is CLIP,
+    on the raw or the knowledge-augmented caption."""
+    clip = ["loss.dkw=false", "loss.slra=false", "loss.mkcl_subtexts=false", "loss.mkcl_aspects=false"]
+    assert load_config(None).objective() == "make"
+    assert load_config(None, ["loss.slra=false"]).objective() == "make"
+    assert load_config(None, clip).objective() == "clip"
+    assert load_config(None, [*clip, "data.caption=knowledge"]).objective() == "clip-knowledge"
+    with pytest.raises(ConfigError, match=r"data.caption = 'ontology': must be one of \['raw', 'knowledge'\]"):
+        load_config(None, ["data.caption=ontology"])

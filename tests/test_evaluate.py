@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from make_dist.config import ModelConfig
 from make_dist.errors import UserError
-from make_dist.evaluate import metrics
+from make_dist.evaluate import bootstrap, metrics
 from make_dist.evaluate.tasks import load_classes, run_task
 from make_dist.model import build_model, export_open_clip, tokenizer
 
@@ -226,3 +226,68 @@ def test_macro_auroc_uses_the_learned_temperature(eval_set, tok):
     a, b = run_task(args[0], warm, *args[1:]), run_task(args[0], cold, *args[1:])
     assert a.metrics["top1"] == b.metrics["top1"]  # the ranking of classes is the temperature's to keep
     assert a.metrics["macro_auroc"] != b.metrics["macro_auroc"]
+
+
+# ---------------------------------------------------------------------------
+# Bootstrap intervals
+
+
+def test_bootstrap_reproduces_each_metric_on_the_whole_table(eval_set, model, tok):
+    """The statistic a draw recomputes is the metric the task reports, from the
+    details as they come back out of results.json (lists)."""
+    root = str(eval_set)
+    results = {
+        "classify/top1": (run_task("classify", model, tok, f"{root}/eval/classify.csv", root,
+                                   f"{root}/classes.yaml"), "top1"),
+        "concepts/mean_auroc": (run_task("concepts", model, tok, f"{root}/eval/concepts.csv", root), "mean_auroc"),
+        "retrieval/mean_recall": (run_task("retrieval", model, tok, f"{root}/eval/retrieval.csv", root),
+                                  "mean_recall"),
+    }
+    for metric, (result, key) in results.items():
+        details = json.loads(json.dumps(result.to_json()))["details"]
+        estimate = bootstrap.interval(metric, details, draws=200)
+        assert estimate.value == pytest.approx(result.metrics[key], abs=1e-6), metric
+        assert estimate.low <= estimate.value <= estimate.high and estimate.low < estimate.high, metric
+
+
+def test_weighted_auroc_is_auroc_on_the_drawn_rows():
+    """A draw's counts weigh each row; the result equals metrics.auroc on the
+    rows repeated that many times, ties included."""
+    scores = torch.tensor([0.1, 0.4, 0.4, 0.35, 0.8, 0.4, 0.2])
+    positive = torch.tensor([0, 1, 0, 1, 1, 0, 0]).bool()
+    counts = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [2, 0, 1, 3, 1, 0, 2], [0, 1, 0, 0, 1, 0, 0]], dtype=torch.float64)
+    got = bootstrap.weighted_auroc(scores, positive, counts)
+    for d in range(2):
+        rows = torch.repeat_interleave(torch.arange(7), counts[d].long())
+        assert got[d].item() == pytest.approx(metrics.auroc(scores[rows], positive[rows]))
+    assert math.isnan(got[2])  # no negative drawn
+
+
+def test_bootstrap_interval_covers_a_known_rate():
+    """150 of 500 images right: the interval is about +-4 points around 0.30
+    (binomial standard error 0.0205); all right gives [1, 1]."""
+    ranks = torch.tensor([0] * 150 + [3] * 350)
+    e = bootstrap.interval("classify/top1", {"rows": list(range(500)), "true_rank": ranks})
+    assert e.value == pytest.approx(0.3)
+    assert 0.25 < e.low < 0.27 and 0.33 < e.high < 0.35
+    perfect = bootstrap.interval("classify/top1", {"rows": list(range(50)), "true_rank": [0] * 50})
+    assert (perfect.low, perfect.value, perfect.high) == (1.0, 1.0, 1.0)
+
+
+def test_paired_difference_resolves_what_separate_intervals_cannot():
+    """Model a is right on every image b gets right and on 25 more of 500: a
+    gain of 5 points, inside both models' own intervals' overlap, but the
+    paired interval excludes 0. Identical models differ by exactly 0."""
+    generator = torch.Generator().manual_seed(0)
+    b_right = torch.rand(500, generator=generator) < 0.3
+    a_right = b_right.clone()
+    a_right[(~b_right).nonzero().flatten()[:25]] = True
+    a = {"rows": list(range(500)), "true_rank": (~a_right).long()}
+    b = {"rows": list(range(500)), "true_rank": (~b_right).long()}
+    d = bootstrap.difference("classify/top1", a, b)
+    assert d.value == pytest.approx(0.05) and 0.025 < d.low < d.value < d.high < 0.075  # sd 0.0097
+    assert bootstrap.interval("classify/top1", a).low < bootstrap.interval("classify/top1", b).high  # overlap
+    same = bootstrap.difference("classify/top1", b, b)
+    assert (same.low, same.value, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="different rows"):
+        bootstrap.difference("classify/top1", a, {**b, "rows": list(range(1, 501))})

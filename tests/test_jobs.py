@@ -35,43 +35,97 @@ def test_job_submit_trains_and_tracks(tmp_path, repo_root, tiny_shards, ray_head
     assert "model/open_clip_pytorch_model.bin" in model
 
 
-def test_sweep_job_runs_trials_nested_in_mlflow(tmp_path, repo_root, tiny_shards, ray_head):
-    """A 2-trial sweep over the learning rate, each trial a whole training run
-    reporting a held-out metric, through `ray job submit`."""
-    address, env = ray_head
+def tiny(tiny_shards, db, storage) -> list[str]:
+    """--set arguments that run a shipped sweep file at a tiny size on the
+    tests' data and the smallest model (make-micro), its cadences (checkpoint,
+    evaluation, ASHA) left as shipped."""
     synth = Path(tiny_shards).parent.parent / "synth"
+    keys = [f"data.train_shards={tiny_shards}", "model.name=make-micro", "data.batch_size=4", "data.num_workers=0",
+            "train.workers=1",
+            f"evaluation.classify_table={synth}/eval/classify.csv", f"evaluation.classes={synth}/classes.yaml",
+            f"evaluation.concepts_table={synth}/eval/concepts.csv",
+            f"evaluation.retrieval_table={synth}/eval/retrieval.csv", f"evaluation.images_root={synth}",
+            f"tracking.uri=sqlite:///{db}", f"sweep.storage={storage}"]
+    return [arg for key in keys for arg in ("--set", key)]
+
+
+def sweep_runs(db, name):
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.info.run_name == f"sweep {name}"]
+    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
+    """configs/sweep_ablation.yaml as shipped, 200 steps of batch 4 and one
+    seed: its first checkpoint (step 100) comes before its first evaluation
+    (step 200), which once killed the sweep."""
     db = tmp_path / "mlflow.db"
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "base": str(repo_root / "configs/tiny.yaml"),
-        "set": [f"data.train_shards={tiny_shards}", "train.steps=2", "train.checkpoint_every=2", "train.workers=1",
-                "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
-                f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
-                "evaluation.every_steps=1", f"tracking.uri=sqlite:///{db}"],
-        "space": {"optim.lr": {"grid": [1.0e-4, 5.0e-4]}},
-        # fifo: ASHA may stop the second trial at its first report when it scores
-        # below the first, which made this test pass or fail by the draw
-        "metric": "eval/classify/top1", "mode": "max", "scheduler": "fifo",
-        "storage": str(tmp_path / "runs"), "name": "lr",
-    }))
+    out = subprocess.run([str(BIN / "make-dist"), "sweep", "--config", str(repo_root / "configs/sweep_ablation.yaml"),
+                          *tiny(tiny_shards, db, tmp_path / "runs"), "--set", "train.steps=200",
+                          "--set", "sweep.seeds=1"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "6 trials (0 failed, 0 stopped early); best eval/classify/top1" in out.stdout
+    assert "trial 6/6 started: config={'name': '+ dkw (MAKE)'" in out.stdout  # progress a person can read
+    assert "WARNING" not in out.stdout and "(RayTrainWorker" not in out.stdout  # the libraries' logs: in files
+    client, parent, trials = sweep_runs(db, "ablation")
+    assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)
+    assert sorted(t.data.tags["make_dist.objective"] for t in trials) == ["clip", "clip-knowledge"] + ["make"] * 4
+    for t in trials:  # the held-out metric at the step that evaluated it, and only there
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [200]
+    note = parent.data.tags["mlflow.note.content"]  # the comparison at a glance, on the parent's page
+    assert "| CLIP + knowledge | 1 |" in note and "Best: trial" in note
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
+        "sweep/rows.png", "sweep/summary.json", "sweep/trials.md"}
+    best = parent.data.tags["make_dist.best_trial_run"]
+    assert best in {t.info.run_id for t in trials} and Path(parent.data.tags["make_dist.best_model"]).is_dir()
+
+
+def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, tiny_shards, ray_head):
+    """configs/sweep_lr_lambda.yaml as shipped (200 steps, checkpoints every 20,
+    evaluations every 50, ASHA), through `ray job submit`; one draw of the
+    learning rate per lambda (3 trials)."""
+    address, env = ray_head
+    db = tmp_path / "mlflow.db"
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo_root), "--",
-         "python", "jobs/sweep.py", "--config", str(sweep)], env=env, capture_output=True, text=True, timeout=900)
+         "python", "jobs/sweep.py", "--config", "configs/sweep_lr_lambda.yaml", *tiny(tiny_shards, db, tmp_path),
+         "--set", "sweep.samples=1"],
+        env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    assert "2 trials (0 failed); best eval/classify/top1" in job.stdout + job.stderr
-    client = MlflowClient(f"sqlite:///{db}")
-    (experiment,) = [e for e in client.search_experiments() if e.name == "make-dist-tiny"]
-    runs = client.search_runs([experiment.experiment_id])
-    (parent,) = [r for r in runs if r.info.run_name == "sweep lr"]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
-    assert sorted(float(t.data.params["optim.lr"]) for t in trials) == [1e-4, 5e-4]
-    for t in trials:  # each trial's curves and held-out metric at both steps
-        assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [1, 2]
-        assert len(client.get_metric_history(t.info.run_id, "loss/total")) == 2
-    top1 = {float(t.data.params["optim.lr"]): t.data.metrics["eval/classify/top1"] for t in trials}
-    best = max(top1.values())
-    assert parent.data.metrics["best/eval/classify/top1"] == pytest.approx(best)
-    # on 40 images both trials may score alike: the best is then either of them
-    assert top1[float(parent.data.params["best.optim.lr"])] == pytest.approx(best)
-    assert parent.info.status == "FINISHED"
+    assert "3 trials (0 failed" in job.stdout
+    client, parent, trials = sweep_runs(db, "lr_lambda")
+    assert len(trials) == 3 and parent.info.status == "FINISHED"
+    for t in trials:  # finished, or stopped by ASHA at an evaluation and marked so
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")]
+        if t.info.status == "FINISHED":
+            assert steps == [50, 100, 150, 200]
+        else:
+            assert t.info.status == "KILLED" and steps[-1] < 200 and "ASHA" in t.data.tags["make_dist.stopped"]
+
+
+def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards):
+    """4 trials in the order lambda 0, 1, 2, 3: each adds about ln(batch) more
+    of the fine-grained term to the total loss, so at step 3 each later trial
+    is below the median of those before it, and ASHA stops it there."""
+    db = tmp_path / "mlflow.db"
+    sweep = tmp_path / "asha.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": str(repo_root / "configs/tiny.yaml"),
+        "set": ["train.steps=6", "train.checkpoint_every=2", "evaluation.every_steps=3"],
+        "space": {"loss.lam": {"grid": [0.0, 1.0, 2.0, 3.0]}},
+        "metric": "loss/total", "mode": "min", "scheduler": "asha",
+        "asha": {"grace_period": 3, "reduction_factor": 2}, "name": "asha",
+    }))
+    out = subprocess.run([str(BIN / "make-dist"), "sweep", "--config", str(sweep),
+                          *tiny(tiny_shards, db, tmp_path / "runs")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "4 trials (0 failed, 3 stopped early)" in out.stdout
+    client, parent, trials = sweep_runs(db, "asha")
+    status = sorted((float(t.data.params["loss.lam"]), t.info.status) for t in trials)
+    assert status == [(0.0, "FINISHED"), (1.0, "KILLED"), (2.0, "KILLED"), (3.0, "KILLED")]
+    for t in trials:
+        if t.info.status == "KILLED":
+            assert t.data.tags["make_dist.stopped"].startswith("early: stopped by ASHA at step 3")
+    assert parent.data.params["best.loss.lam"] == "0.0"

@@ -41,6 +41,17 @@ def test_sample_slots():
     assert Sample.from_json(s.to_json()) == s
 
 
+def test_knowledge_caption_puts_the_aspect_texts_first():
+    """The paper's Derm1M-dagger baseline: slot 0 becomes disease text + concept
+    text + caption (those present); the other slots are unchanged."""
+    s = Sample(caption="Red plaque. Itchy.", disease_text="Diagnosed as psoriasis.", concept_text="Shows scale.")
+    slots = s.texts(k=2, caption="knowledge")
+    assert slots[0] == "Diagnosed as psoriasis. Shows scale. Red plaque. Itchy."
+    assert slots[1:] == s.texts(k=2)[1:]
+    assert Sample(caption="C.", concept_text="Shows scale.").texts(1, "knowledge")[0] == "Shows scale. C."
+    assert Sample(caption="C.").texts(1, "knowledge")[0] == "C."
+
+
 def test_structured_columns_are_templated():
     cols = ColumnMap(disease="disease", concepts="concepts", label="label", extra=["site"])
     row = {"image": "a.jpg", "caption": "Red plaque. Scaly.", "disease": "inflammatory, psoriasis",

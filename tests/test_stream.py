@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from make_dist.config import DataConfig, ModelConfig
+from make_dist.data.schema import Sample
 from make_dist.data.stream import image_transform, make_loader, shard_urls
 from make_dist.errors import UserError
 from make_dist.model import tokenizer
@@ -137,6 +138,20 @@ def test_only_the_slots_the_loss_reads_are_tokenised_with_their_lengths(uneven_s
         assert batch.mask.any(0).nonzero().flatten().tolist() == expected
         assert torch.equal(batch.lengths, token_lengths(batch.tokens) * batch.mask)
         assert not batch.tokens[~batch.mask].any()  # what is not read is not tokenised
+
+
+def test_the_knowledge_caption_is_what_slot_0_encodes(uneven_shards, tok):
+    """data.caption = knowledge (the Derm1M-dagger baseline): slot 0 holds the
+    disease and concept texts followed by the caption, tokenised as one text."""
+    urls, _ = uneven_shards
+    clip = read_by_loss(11, dkw=False, slra=False, mkcl_subtexts=False, mkcl_aspects=False)
+    raw, knowledge = (next(iter(make_loader(in_order(urls[:1], batch_size=25, caption=c), tok, image_size=32,
+                                            read=clip))) for c in ("raw", "knowledge"))
+    sample = Sample.from_json(json.loads(record(knowledge.keys[0])))
+    assert sample.knowledge_caption() == f"This skin photo shows papule. Case {knowledge.keys[0]}. Two sentences."
+    assert torch.equal(knowledge.tokens[0, 0], tok([sample.knowledge_caption()])[0])
+    assert torch.equal(raw.tokens[0, 0], tok([sample.caption])[0]) and not torch.equal(raw.tokens, knowledge.tokens)
+    assert knowledge.mask.any(0).nonzero().flatten().tolist() == [0]  # still one text a sample
 
 
 def test_brace_patterns_expand(uneven_shards):

@@ -3,8 +3,10 @@
 import pytest
 import yaml
 
-from make_dist.errors import ConfigError
-from make_dist.sweep import load_sweep, search_space, trial_config
+from make_dist.errors import ConfigError, UserError
+from make_dist.sweep import (
+    SweepConfig, _check_same_settings, load_sweep, search_space, summarize, trial_config, trial_count,
+)
 
 
 def write(tmp_path, repo_root, **sweep):
@@ -18,14 +20,61 @@ def write(tmp_path, repo_root, **sweep):
 
 def test_shipped_sweeps_load(repo_root):
     ablation, base = load_sweep(repo_root / "configs/sweep_ablation.yaml")
-    rows = ablation.space["loss"]["grid"]
-    assert len(rows) == 5 and rows[0] == {"mkcl_aspects": False, "mkcl_subtexts": False, "slra": False, "dkw": False}
-    assert rows[-1] == {"mkcl_aspects": True, "mkcl_subtexts": True, "slra": True, "dkw": True}
+    rows = ablation.space["config"]["grid"]
+    assert [r["name"] for r in rows] == ["CLIP", "CLIP + knowledge", "mkcl w/o subtexts", "mkcl", "+ slra",
+                                         "+ dkw (MAKE)"]
+    arms = [trial_config(base, {"config": r}).objective() for r in rows]
+    assert arms == ["clip", "clip-knowledge", "make", "make", "make", "make"]
+    assert trial_config(base, {"config": rows[-1]}).loss == trial_config(base, {}).loss  # MAKE: every term
     assert ablation.metric == "eval/classify/top1" and base["evaluation"]["classify_table"]
+    assert ablation.seeds == 3 and trial_count(ablation) == 18
     lr, _ = load_sweep(repo_root / "configs/sweep_lr_lambda.yaml")
     space = search_space(lr.space)
     assert space["loss.lam"] == {"grid_search": [0.3, 0.7, 1.0]} and lr.scheduler == "asha"
-    assert 1e-4 <= space["optim.lr"].sample() <= 2e-3
+    assert 1e-4 <= space["optim.lr"].sample() <= 2e-3 and trial_count(lr) == 6
+
+
+def test_seeds_are_a_grid_over_train_seed(tmp_path, repo_root):
+    sweep, _ = load_sweep(write(tmp_path, repo_root, seeds=3))
+    assert search_space(sweep)["train.seed"] == {"grid_search": [0, 1, 2]}
+    assert trial_count(sweep) == 6  # 2 learning rates x 3 seeds
+    with pytest.raises(ConfigError, match="both set the seed"):
+        load_sweep(write(tmp_path, repo_root, seeds=2, space={"train.seed": {"grid": [1, 2]}}))
+
+
+def test_the_sweeps_own_keys_take_set(tmp_path, repo_root):
+    """--set sweep.KEY overrides the sweep file; other --set keys the base config."""
+    sweep, base = load_sweep(write(tmp_path, repo_root), ["sweep.name=other", "sweep.storage=s3://b/x",
+                                                          "sweep.seeds=2", "optim.lr=0.002"])
+    assert (sweep.name, sweep.storage, sweep.seeds, base["optim"]["lr"]) == ("other", "s3://b/x", 2, 0.002)
+    with pytest.raises(ConfigError, match="--set: sweep.seeds = 'x': expected an integer"):
+        load_sweep(write(tmp_path, repo_root), ["sweep.seeds=x"])
+
+
+def test_summary_groups_seeds_into_rows_and_picks_the_best():
+    trials = [
+        {"trial": "a", "params": {"loss.lam": 0.3, "train.seed": 0}, "value": 0.2, "status": "finished"},
+        {"trial": "b", "params": {"loss.lam": 0.3, "train.seed": 1}, "value": 0.4, "status": "finished"},
+        {"trial": "c", "params": {"loss.lam": 0.7, "train.seed": 0}, "value": 0.5, "status": "stopped by ASHA at step 50"},
+        {"trial": "d", "params": {"loss.lam": 0.7, "train.seed": 1}, "value": 0.35, "status": "finished"},
+        {"trial": "e", "params": {"loss.lam": 0.9, "train.seed": 0}, "value": None, "status": "failed"},
+    ]
+    s = summarize(trials, SweepConfig(metric="m", mode="max"))
+    rows = {r["params"]["loss.lam"]: r for r in s["rows"]}
+    assert rows[0.3]["mean"] == pytest.approx(0.3) and rows[0.3]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows[0.7]["seeds"] == 1 and rows[0.7]["mean"] == 0.35  # a stopped trial's value is not a final one
+    assert rows[0.9]["mean"] is None and s["best"]["trial"] == "b"  # the best finished trial
+    assert (s["errors"], s["stopped"]) == (1, 1)
+    assert summarize(trials, SweepConfig(metric="m", mode="min"))["best"]["trial"] == "a"
+
+
+def test_a_sweep_folder_resumes_only_the_same_settings(tmp_path, repo_root):
+    sweep, base = load_sweep(write(tmp_path, repo_root), ["train.steps=200"])
+    _check_same_settings(sweep, base, str(tmp_path / "s"))  # first start: recorded
+    _check_same_settings(sweep, base, str(tmp_path / "s"))  # the same again: resumes
+    _, other = load_sweep(write(tmp_path, repo_root), ["train.steps=60"])
+    with pytest.raises(UserError, match=r"base.train.steps: 200 then, 60 now.*--set sweep.name=NEW"):
+        _check_same_settings(sweep, other, str(tmp_path / "s"))
 
 
 def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
@@ -44,6 +93,12 @@ def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
     ({"space": {"lossy": {"grid": [{"slra": False}]}}}, "unknown section 'lossy'"),
     ({"mode": "best"}, "sweep.mode = 'best': must be min or max"),
     ({"metric": "eval/classify/top1"}, "evaluates no 'classify' table"),
+    ({"metric": "eval/classify/top7"}, "no trial reports it"),
+    ({"metric": "accuracy"}, "no trial reports it"),
+    ({"metric": "eval/classify/top1", "set": ["data.train_shards=x", "evaluation.classify_table=t.csv",
+                                              "evaluation.classes=c.yaml"]}, "evaluation.every_steps = 0"),
+    ({"asha": {"grace": 3}}, "sweep.asha.grace: unknown"),
+    ({"space": {"config": {"grid": [1]}}}, "each value is a mapping of sections"),
     ({"samples": "many"}, "sweep.samples = 'many': expected an integer"),
     ({"scheduler_x": 1}, "unknown key sweep.scheduler_x"),
 ])
@@ -69,7 +124,7 @@ def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
     db = tmp_path / "mlflow.db"
     sweep = write(tmp_path, repo_root, name="resumable", storage=str(tmp_path / "runs"), scheduler="fifo",
                   metric="eval/classify/top1", mode="max", **{"set": [
-                      f"data.train_shards={tiny_shards}", "train.steps=2", "train.checkpoint_every=2",
+                      f"data.train_shards={tiny_shards}", "model.name=make-micro", "train.steps=2", "train.checkpoint_every=2",
                       "train.workers=1", "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
                       f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
                       f"tracking.uri=sqlite:///{db}"]})
@@ -90,7 +145,7 @@ def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "2 trials (0 failed)" in again.stdout
+    assert "resuming from" in again.stdout and "2 trials (0 failed, 0 stopped early)" in again.stdout
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [r for r in runs if r.info.run_name == "sweep resumable"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

@@ -47,6 +47,24 @@ def test_tables_and_images(synth):
     assert set(classes) == {d.name for d in DISEASES}
 
 
+def test_the_fraction_of_captions_naming_the_disease_is_a_parameter(tmp_path):
+    """As in Derm1M, captions often omit the diagnosis; the disease text (when
+    the row has one) always names it."""
+    def naming(named):
+        synthesize(tmp_path / str(named), n=400, n_eval=1, size=32, seed=1, workers=2, progress=False, named=named)
+        rows = read(tmp_path / str(named) / "train.csv")
+        names = {d.name: (d.name, *d.synonyms) for d in DISEASES}
+        in_caption = sum(any(n.lower() in r["caption"].lower() for n in names[r["label"]]) for r in rows)
+        assert all(r["label"] in r["disease"] for r in rows if r["disease"])
+        return in_caption / len(rows)
+
+    assert naming(0.0) == 0
+    assert 0.2 < naming(0.3) < 0.4
+    assert naming(1.0) == 1
+    with pytest.raises(ValueError, match="named"):
+        synthesize(tmp_path / "bad", n=1, size=32, named=1.5)
+
+
 def test_deterministic_given_seed(synth, tmp_path):
     synthesize(tmp_path, n=120, n_eval=60, size=96, seed=3, workers=1, progress=False)
     assert (tmp_path / "train.csv").read_text() == (synth / "train.csv").read_text()

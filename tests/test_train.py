@@ -170,11 +170,32 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     assert "Ray" not in out.stdout + out.stderr and time.time() - start < 60
 
 
+def test_a_down_tracking_server_or_unwritable_storage_fails_before_ray_starts(tmp_path, shards):
+    """Checked by the driver before any worker starts, each in one line naming what is wrong."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "a-file").write_text("")
+    for key, value, message in (("tracking.uri", f"http://127.0.0.1:{port}", "no MLflow server answers"),
+                                ("tracking.uri", f"sqlite:///{tmp_path}/nowhere/mlflow.db", "cannot write in"),
+                                ("train.storage", f"{tmp_path}/a-file/runs", "cannot write there")):
+        start = time.time()
+        out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={shards}",
+                              "--set", f"train.storage={tmp_path}/runs", "--set", f"{key}={value}"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and f"{key} = {value}: {message}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "Ray" not in out.stdout + out.stderr and time.time() - start < 30
+
+
 # ---------------------------------------------------------------------------
 # Real processes: stopped, and shot
 
 
 def start_training(tmp_path, shards, repo_root, **extra):
+    """A real `make-dist train` process on the smallest model (what is tested is the process)."""
+    extra = {"model.name": "make-micro", **extra}
     args = [str(EXE), "train", "--config", str(repo_root / "configs/tiny.yaml")]
     for item in overrides(tmp_path, shards, **extra):
         args += ["--set", item]
@@ -200,18 +221,30 @@ def wait_for_checkpoint(run_dir: Path, proc, timeout=240) -> int:
 
 
 def test_stopped_run_resumes_when_restarted(tmp_path, shards, repo_root):
+    """SIGTERM to the driver alone (as `kill` sends it) stops the run within
+    seconds: its Ray instance and every process it spawned end, the MLflow run
+    is marked KILLED, the message says where the checkpoints are; the same
+    command resumes from the last one."""
     steps = {"train.steps": 40, "train.checkpoint_every": 2, "train.name": "resumable"}
     proc, args = start_training(tmp_path, shards, repo_root, **steps)
     wait_for_checkpoint(tmp_path / "runs/resumable", proc)
-    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does
+    spawned = psutil.Process(proc.pid).children(recursive=True)
+    stopped_at = time.time()
+    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=90)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode != 0
+        raise AssertionError("SIGTERM did not stop make-dist train within 60 s") from None
+    assert proc.returncode == 130 and time.time() - stopped_at < 30
+    log = (tmp_path / "train.log").read_text()
+    assert f"stopped: the checkpoints written so far are in {tmp_path}/runs/resumable" in log, log[-3000:]
+    _, alive = psutil.wait_procs(spawned, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]  # Ray's processes went with it
     _, first_run, before = run_history(tmp_path)
     assert 2 <= before[-1].step < 40, "the stop should land mid-run"
+    assert first_run.info.status == "KILLED"
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

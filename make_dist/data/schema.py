@@ -57,11 +57,19 @@ class Sample:
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def texts(self, k: int = DEFAULT_K) -> list[str | None]:
-        """The N = k + 3 slots; None marks a missing slot."""
+    def texts(self, k: int = DEFAULT_K, caption: str = "raw") -> list[str | None]:
+        """The N = k + 3 slots; None marks a missing slot. caption="knowledge"
+        puts `knowledge_caption()` in slot 0 instead of the raw caption."""
         subtexts = (self.subtexts or split_sentences(self.caption, k))[:k]
-        slots: list[str | None] = [self.caption, self.disease_text, self.concept_text, *subtexts]
+        first = self.knowledge_caption() if caption == "knowledge" else self.caption
+        slots: list[str | None] = [first, self.disease_text, self.concept_text, *subtexts]
         return slots + [None] * (n_slots(k) - len(slots))
+
+    def knowledge_caption(self) -> str:
+        """The caption with the disease and concept texts put before it: the
+        paper's knowledge-augmented CLIP baseline (Derm1M-dagger). The aspect
+        texts go first so that the 77-token context cuts the caption, not them."""
+        return " ".join(t for t in (self.disease_text, self.concept_text, self.caption) if t)
 
     def to_json(self) -> dict[str, Any]:
         record = {"caption": self.caption, "disease_text": self.disease_text,

@@ -143,8 +143,9 @@ class SampleDecoder:
 
     CACHE_SIZE = 20_000  # texts; about 12 MB of tokens per loader worker
 
-    def __init__(self, tokenizer, transform, size: int, k: int = DEFAULT_K, read: Sequence[bool] | None = None):
-        self.tokenizer, self.transform, self.size, self.k = tokenizer, transform, size, k
+    def __init__(self, tokenizer, transform, size: int, k: int = DEFAULT_K, read: Sequence[bool] | None = None,
+                 caption: str = "raw"):
+        self.tokenizer, self.transform, self.size, self.k, self.caption = tokenizer, transform, size, k, caption
         self.read = list(read) if read is not None else [True] * n_slots(k)
         if len(self.read) != n_slots(k):
             raise ValueError(f"read names {len(self.read)} slots; K = {k} makes {n_slots(k)}")
@@ -161,7 +162,7 @@ class SampleDecoder:
                 "key": sample["__key__"]}
 
     def texts(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = sample.texts(self.k)
+        slots = sample.texts(self.k, self.caption)
         tokens = torch.zeros(n_slots(self.k), self.context_length, dtype=torch.long)
         mask = torch.zeros(n_slots(self.k), dtype=torch.bool)
         for n, text in enumerate(slots):
@@ -236,7 +237,8 @@ def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequenc
     urls = shard_urls(data.train_shards, data.allow_pipe)
     rank, world = rank_and_world(rank, world)
     skips = SkipCounter()
-    decoder = SampleDecoder(tokenizer, image_transform(image_size, data.augment), image_size, data.subtexts, read)
+    decoder = SampleDecoder(tokenizer, image_transform(image_size, data.augment), image_size, data.subtexts, read,
+                           data.caption)
 
     if data.resampled:
         def worker_seed():  # distinct per (rank, loader worker), the same on every run

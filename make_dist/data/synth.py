@@ -8,6 +8,15 @@ pigmentation), shape and border, surface (scale, crust), size, count and
 distribution. The caption describes the rendered concepts, the body site,
 symptoms and history in varied wording.
 
+Why MAKE can help here, as in Derm1M: the captions are noisy text that
+names the diagnosis only in a fraction of the rows (`named`, default 0.3)
+and describes concepts in lay, varied wording ("red", "pink-red",
+"inflamed"), while the knowledge-aspect texts come from the ontology: the
+disease text names the disease (and its superclass) and the concept text
+names the concepts by their ontology terms, the words the zero-shot prompts
+use. A model that reads the aspect texts sees every disease name; one that
+reads the caption alone sees it in `named` of the rows.
+
 Output (under OUT):
     images/train/NNNNNN.jpg, images/eval/NNNNNN.jpg
     train.csv                 image, caption, disease, concepts, label
@@ -296,7 +305,8 @@ def _surface(draw: ImageDraw.ImageDraw, case: Case, cx, cy, r, colour, rng) -> N
 # One caption
 
 
-def caption(case: Case, rng: np.random.Generator) -> str:
+def caption(case: Case, rng: np.random.Generator, named: float = 0.3) -> str:
+    """A caption of the case; it names the diagnosis with probability `named`."""
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
     c = case.concepts
     adjectives = [pick(WORDS[k]) for k in ("erythema", "hyperpigmentation", "hypopigmentation", "annular") if k in c]
@@ -325,7 +335,7 @@ def caption(case: Case, rng: np.random.Generator) -> str:
                            f"{symptom.capitalize()} according to the patient."]))
     duration = pick(["two weeks", "three months", "several years", "a few days", "one year"])
     sentences.append(pick([f"Present for {duration}.", f"It began {duration} ago.", f"History of {duration}."]))
-    if rng.random() < 0.5:
+    if rng.random() < named:
         name = pick((case.disease.name, *case.disease.synonyms))
         sentences.append(pick([f"Consistent with {name}.", f"Clinical impression: {name}.",
                                f"Diagnosed as {name}."]))
@@ -343,10 +353,10 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def make_item(args) -> dict:
     """Render, write and describe one image (runs in a worker process)."""
-    out, split, index, seed, size, fmt = args
+    out, split, index, seed, size, fmt, named = args
     rng = _rng(seed, split, index)
     case = draw_case(rng)
-    text = caption(case, rng)
+    text = caption(case, rng, named)
     rel = f"images/{split}/{index:06d}.{fmt}"
     image = render(case, size, rng)
     with atomic_writer(str(Path(out) / rel)) as f:
@@ -364,21 +374,25 @@ def make_item(args) -> dict:
 
 
 def synthesize(out: str | Path, n: int = 1000, n_eval: int | None = None, size: int = 224,
-               seed: int = 0, workers: int | None = None, fmt: str = "jpg", progress: bool = True) -> dict:
-    """Write the synthetic set; returns {split: rows}. Tables appear only when complete."""
+               seed: int = 0, workers: int | None = None, fmt: str = "jpg", progress: bool = True,
+               named: float = 0.3) -> dict:
+    """Write the synthetic set; returns {split: rows}. Tables appear only when complete.
+    named: the fraction of captions that name the diagnosis."""
     from tqdm import tqdm
 
     if n < 1 or size < 32:
         raise ValueError("synth: n must be >= 1 and size >= 32")
     if fmt not in ("jpg", "png"):
         raise ValueError("synth: format must be jpg or png")
+    if not 0 <= named <= 1:
+        raise ValueError(f"synth: named is the fraction of captions naming the disease, in [0, 1]; got {named}")
     out = Path(out)
     n_eval = max(50, n // 10) if n_eval is None else n_eval
     for split in ("train", "eval"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
     (out / "eval").mkdir(exist_ok=True)
     workers = workers or os.cpu_count() or 1
-    jobs = [(str(out), split, i, seed, size, fmt) for split, count in (("train", n), ("eval", n_eval))
+    jobs = [(str(out), split, i, seed, size, fmt, named) for split, count in (("train", n), ("eval", n_eval))
             for i in range(count)]
     with ProcessPoolExecutor(workers) as pool:
         rows = list(tqdm(pool.map(make_item, jobs, chunksize=32), total=len(jobs), desc="synth images",

@@ -25,6 +25,12 @@ from . import metrics
 from .prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
 
 RECALL_KS = (10, 50, 100)
+# The metrics each task reports as `eval/<task>/<name>` during training (what a sweep can optimise).
+REPORTED = {
+    "classify": ("top1", "top5", "macro_auroc", "chance_top1"),
+    "concepts": ("mean_auroc",),
+    "retrieval": (*(f"{d}_R{k}" for d in ("i2t", "t2i") for k in RECALL_KS), "mean_recall"),
+}
 
 
 @dataclass
@@ -34,7 +40,9 @@ class TaskResult:
     scored: int  # images scored
     skipped: list[dict] = field(default_factory=list)  # [{row, image, reason}]
     metrics: dict[str, float] = field(default_factory=dict)
-    details: dict = field(default_factory=dict)  # what the plots show
+    # What the plots show, and what each scored image contributes (its table
+    # row in "rows"), for bootstrap intervals (make_dist/evaluate/bootstrap.py).
+    details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         details = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in self.details.items()}
@@ -145,7 +153,8 @@ def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images
         "top1": metrics.topk_accuracy(scores, labels, 1),
         "top5": metrics.topk_accuracy(scores, labels, 5),
         "chance_top1": 1 / len(names),
-    }, {"classes": names, "confusion": metrics.confusion_matrix(predicted, labels, len(names))})
+    }, {"classes": names, "confusion": metrics.confusion_matrix(predicted, labels, len(names)),
+        "rows": scored, "true_rank": metrics.rank_of(scores, labels)})
     if len(names) <= 50:  # one-vs-rest AUROC means little over hundreds of classes
         # class probabilities at the model's learned temperature, as concept annotation
         probabilities = (model.scale().float().detach().cpu() * scores.cpu()).softmax(1)
@@ -176,7 +185,8 @@ def annotate_concepts(model, tokenizer, table: str, images_root: str | None = No
     defined = [v for v in per_concept.values() if v == v]
     result = TaskResult("concepts", len(rows), len(scored), skipped,
                         {"mean_auroc": sum(defined) / len(defined) if defined else float("nan")},
-                        {"auroc": per_concept})
+                        {"auroc": per_concept, "concepts": concepts, "rows": scored,
+                         "probability": probability, "truth": truth})
     result.metrics.update({f"auroc/{c.replace(' ', '_')}": v for c, v in per_concept.items() if v == v})
     return result
 
@@ -189,6 +199,9 @@ def retrieve(model, tokenizer, table: str, images_root: str | None = None, image
     captions = encode_texts(model, tokenizer, [str(rows[i][caption_column]) for i in scored.tolist()])
     similarity = images @ captions.T
     result = TaskResult("retrieval", len(rows), len(scored), skipped)
+    match = torch.arange(len(scored))
+    result.details.update(rows=scored, i2t_rank=metrics.rank_of(similarity, match),
+                          t2i_rank=metrics.rank_of(similarity.T, match))
     curves = {}
     for direction, sim in (("i2t", similarity), ("t2i", similarity.T)):
         for k in RECALL_KS:

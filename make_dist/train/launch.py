@@ -1,8 +1,9 @@
 """The driver: check the config, open the MLflow run, start (or join) Ray, fit.
 
 Under `ray job submit --address ...` RAY_ADDRESS is set and the job joins
-that cluster; run directly, it starts an embedded local Ray bound to
-127.0.0.1, its dashboard too (a dashboard runs whatever is submitted to it).
+that cluster; run directly, it starts its own embedded local Ray bound to
+127.0.0.1, its dashboard too (a dashboard runs whatever is submitted to it),
+and never joins another cluster found on the machine.
 Rerunning the same `train.name` in the same `train.storage` resumes the run
 from its latest checkpoint.
 """
@@ -10,7 +11,11 @@ from its latest checkpoint.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import urllib.error
+import urllib.request
+import uuid
 from dataclasses import dataclass, replace
 
 import fsspec
@@ -18,7 +23,8 @@ import fsspec
 from ..config import Config
 from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
-from ..errors import UserError
+from ..errors import Interrupted, UserError
+from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .loop import WorkerPlan, train_worker
 
@@ -57,9 +63,40 @@ def check(cfg: Config) -> Config:
     if not urls[0].startswith("pipe:") and not _exists(urls[0]):
         raise UserError(f"data.train_shards: {urls[0]} does not exist")
     cfg = with_shards_manifest(cfg)
+    check_tracking(cfg.tracking.uri)
+    check_writable(cfg.train.storage, "train.storage")
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
+
+
+def check_tracking(uri: str) -> None:
+    """The MLflow store answers: a server within seconds, a sqlite file's folder writable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
+        except urllib.error.HTTPError:
+            pass  # it answers (a 401 or 403 is for MLflow's own client to handle)
+        except OSError as e:
+            raise UserError(f"tracking.uri = {uri}: no MLflow server answers ({getattr(e, 'reason', e)}); start "
+                            f"one (mlflow server ...) or point tracking.uri at one that runs") from None
+    elif uri.startswith("sqlite:///"):
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(f"tracking.uri = {uri}: cannot write in {folder}")
+
+
+def check_writable(url: str, key: str) -> None:
+    """A folder or URL where a probe file can be written and removed."""
+    fs, path = fsspec.core.url_to_fs(url)
+    probe = f"{path.rstrip('/')}/.make-dist-probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except Exception as e:  # a permission, a missing bucket, a file in the way: each its own type
+        raise UserError(f"{key} = {url}: cannot write there ({type(e).__name__}: {e})") from None
 
 
 def _exists(url: str) -> bool:
@@ -67,23 +104,41 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def init_ray() -> None:
+def init_ray(quiet: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray.
+    quiet: the workers' output and Ray's own messages stay in Ray's log files
+    (`ray_logs()`), off the terminal."""
     import ray
 
     if ray.is_initialized():
         return
+    options = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster (ray job submit or an exported address)
+        ray.init(**options)  # a cluster (ray job submit or an exported address)
     else:
+        # address="local": always a new embedded instance; without it ray.init joins the last
+        # cluster recorded in Ray's temp folder or any live one on this machine (a stale one hangs).
         # The dashboard serves Ray's state API, which Ray Train polls; it listens on 127.0.0.1 only.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **options)
+
+
+def ray_logs() -> str:
+    """The folder of this Ray session's logs (workers' output included)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
 
 
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
-        params: dict | None = None) -> FitResult:
+        params: dict | None = None, quiet: bool = False) -> FitResult:
     """Train: check -> MLflow run -> Ray -> Ray Train's fit -> curves and status.
     A sweep's trial passes its parent MLflow run, Tune's report callback and
-    the sampled parameters (logged beside the config)."""
+    the sampled parameters (logged beside the config). quiet: a step bar on
+    the terminal instead of the workers' lines (those go to Ray's logs)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -91,10 +146,11 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     run = open_run(cfg, run_dir, parent=parent,
                    params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
-    print(f"make-dist: MLflow run {run.id} at {run.uri}")
-    if run.uri.startswith("sqlite:"):
-        print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
-    init_ray()
+    if not quiet:
+        print(f"make-dist: MLflow run {run.id} at {run.uri}")
+        if run.uri.startswith("sqlite:"):
+            print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
+    init_ray(quiet)
     trainer = TorchTrainer(
         functools.partial(train_worker, WorkerPlan(cfg, run_dir, run)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
@@ -108,7 +164,15 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         ),
     )
     try:
-        result = trainer.fit()
+        if quiet:
+            with StepBar(run, cfg.train.steps, f"  {cfg.train.name}"):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
+        run.finish("KILLED")
+        raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
+                          f"again to resume from the last one") from None
     except BaseException:
         run.finish("FAILED")
         raise

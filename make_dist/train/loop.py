@@ -139,6 +139,12 @@ def train_step(w: Worker, batch: Batch) -> dict[str, torch.Tensor] | None:
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "logit_scale": out["scale"].detach()}
 
 
+# On every report but the last: a sweep's scheduler (ASHA) counts time in it,
+# so it can stop a trial mid-run but never at its last report, while the
+# trial exports its model.
+MIDRUN_STEP = "midrun_step"
+
+
 def report(w: Worker, metrics: dict, save: bool) -> None:
     """Report to Ray Train (every rank), with a checkpoint when `save`: this
     rank writes its part of the state, and Ray Train keeps the checkpoint only
@@ -200,11 +206,10 @@ def train_worker(plan: WorkerPlan) -> None:
     run = plan.run if w.rank == 0 else None
     if run is not None:
         run.set_tags({f"system.{k}": v for k, v in device_facts(w).items()})
-    step, nonfinite_run, last_eval = w.start_step, 0, {}
+    step, nonfinite_run = w.start_step, 0
     if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
-        if cfg.evaluation.tables():
-            last_eval = evaluate(w, step, run)
-        report(w, {"step": step, **last_eval}, save=False)
+        held_out = evaluate(w, step, run) if cfg.evaluation.tables() else {}
+        report(w, {"step": step, **held_out}, save=False)
         export_final(w, plan)
         return
     skipped = 0
@@ -240,11 +245,13 @@ def train_worker(plan: WorkerPlan) -> None:
             })
         every = cfg.evaluation.every_steps
         evaluated = bool(cfg.evaluation.tables()) and ((every and step % every == 0) or step == cfg.train.steps)
-        if evaluated:
-            last_eval = evaluate(w, step, run)
+        held_out = evaluate(w, step, run) if evaluated else {}
         save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-        if save or evaluated:  # what Ray Train (and a sweep's scheduler) sees
-            report(w, {"step": step, "loss/total": float(result["loss/total"]), **last_eval}, save)
+        if save or evaluated:  # what Ray Train (and a sweep's scheduler) sees; held-out metrics of this step only
+            reported = {"step": step, "loss/total": float(result["loss/total"]), **held_out}
+            if step < cfg.train.steps:
+                reported[MIDRUN_STEP] = step
+            report(w, reported, save)
         wait_start = time.perf_counter()
     if step < cfg.train.steps:
         raise RuntimeError(f"the data stream ended at step {step} of {cfg.train.steps}")

@@ -1,0 +1,21 @@
+"""What the job scripts share: the package found under --working-dir, and a
+clear line when this Python cannot import make-dist's dependencies."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package, under --working-dir
+
+
+def run(command: str) -> int:
+    """`make-dist COMMAND` with this script's arguments."""
+    try:
+        from make_dist.cli import main
+
+        return main([command, *sys.argv[1:]])
+    except ModuleNotFoundError as e:  # the usual cause: a Ray head started outside the project's environment
+        print(f"make-dist: this Python ({sys.executable}) cannot import make-dist's dependencies ({e}). "
+              f"Under `ray job submit` a job runs in the Python its Ray head was started with: start the head "
+              f"from the project's environment (.venv/bin/ray start --head ...), or give the job one "
+              f"(--runtime-env-json '{{\"pip\": \"requirements.lock\"}}').", file=sys.stderr)
+        return 2
