@@ -44,11 +44,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     """A real local cluster: `ray start --head --block` on 127.0.0.1, with token
-    auth; stopping that process stops this cluster alone (`ray stop` would stop
-    every Ray on the machine)."""
+    auth, shared by a module's jobs; stopping that process group stops this
+    cluster alone (`ray stop` would stop every Ray on the machine)."""
     import secrets
     import signal
     import subprocess
@@ -83,7 +83,7 @@ def ray_head():
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=10)  # a clean stop takes half a minute; the jobs are done by now
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()

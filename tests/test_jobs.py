@@ -85,13 +85,13 @@ def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
 def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, tiny_shards, ray_head):
     """configs/sweep_lr_lambda.yaml as shipped (200 steps, checkpoints every 20,
     evaluations every 50, ASHA), through `ray job submit`; one draw of the
-    learning rate per lambda (3 trials)."""
+    learning rate per lambda (3 trials), two at a time."""
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo_root), "--",
          "python", "jobs/sweep.py", "--config", "configs/sweep_lr_lambda.yaml", *tiny(tiny_shards, db, tmp_path),
-         "--set", "sweep.samples=1"],
+         "--set", "sweep.samples=1", "--set", "sweep.max_concurrent=2"],
         env=env, capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "3 trials (0 failed" in job.stdout

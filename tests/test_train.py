@@ -179,7 +179,7 @@ def test_a_down_tracking_server_or_unwritable_storage_fails_before_ray_starts(tm
         port = s.getsockname()[1]
     (tmp_path / "a-file").write_text("")
     for key, value, message in (("tracking.uri", f"http://127.0.0.1:{port}", "no MLflow server answers"),
-                                ("tracking.uri", f"sqlite:///{tmp_path}/nowhere/mlflow.db", "cannot write in"),
+                                ("tracking.uri", f"sqlite:///{tmp_path}/a-file/mlflow.db", "cannot write in"),
                                 ("train.storage", f"{tmp_path}/a-file/runs", "cannot write there")):
         start = time.time()
         out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={shards}",

@@ -71,7 +71,7 @@ def check(cfg: Config) -> Config:
 
 
 def check_tracking(uri: str) -> None:
-    """The MLflow store answers: a server within seconds, a sqlite file's folder writable."""
+    """The MLflow store answers: a server within seconds, a sqlite file's folder writable (made if new)."""
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
@@ -82,7 +82,11 @@ def check_tracking(uri: str) -> None:
                             f"one (mlflow server ...) or point tracking.uri at one that runs") from None
     elif uri.startswith("sqlite:///"):
         folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"tracking.uri = {uri}: cannot write in {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
             raise UserError(f"tracking.uri = {uri}: cannot write in {folder}")
 
 
