@@ -247,7 +247,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML file (or the defaults), apply `a.b=value` overrides, check it."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = read_yaml(path, "config file") if path is not None else {}
-    overridden = {_apply_override(raw, item) for item in overrides}
+    overridden = {apply_override(raw, item) for item in overrides}
     _one_length(raw, source, overridden)
     return from_dict(raw, source, overridden)
 
@@ -298,7 +298,8 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overridden: set[str] 
     return config
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
+def apply_override(raw: dict[str, Any], item: str) -> str:
+    """Set `section.key=value` (the value read as YAML) in nested dicts; returns the key."""
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):

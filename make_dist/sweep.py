@@ -46,7 +46,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .config import from_dict, load_config
+from .config import apply_override, from_dict, load_config
 from .errors import ConfigError, UserError
 from .evaluate.tasks import REPORTED
 from .files import read_bytes, write_atomic
@@ -85,10 +85,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
     raw = read_yaml(path, "sweep file")
     own = [o for o in overrides if o.strip().startswith("sweep.")]
     for item in own:
-        key, sep, value = item.strip()[len("sweep."):].partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected sweep.key=value, e.g. sweep.name=ablation-2")
-        raw[key] = _yaml_value(value)
+        apply_override({"sweep": raw}, item)  # the base config's --set parsing, on the sweep's own keys
     for key in ("space", "asha"):  # free-form mappings: checked below
         if key in raw and not isinstance(raw[key], dict):
             raise ConfigError(f"{path}: {key} must be a mapping")
@@ -440,15 +437,6 @@ def _short(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items()}
     return value
-
-
-def _yaml_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def _spec(spec: Any, key: str, source: str) -> tuple[str, list]:
