@@ -30,7 +30,8 @@ from .data.synth import synthesize
 from .evaluate import bootstrap
 from .files import write_atomic
 from .progress import logs_to_file
-from .train.launch import fit, ray_logs
+from .train.cluster import ray_logs
+from .train.launch import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"

@@ -52,7 +52,8 @@ from .evaluate.tasks import REPORTED
 from .files import read_bytes, write_atomic
 from .progress import logs_to_file, say
 from .tracking import Run, open_run, recorded_run
-from .train.launch import absolute, check, fit, init_ray, ray_logs
+from .train.cluster import init_ray, ray_logs
+from .train.launch import absolute, check, fit
 from .train.loop import MIDRUN_STEP
 from .typed import build_section, read_yaml
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
@@ -185,14 +186,14 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     if quiet:
         local = sweep_dir if "://" not in sweep_dir else os.path.join(tempfile.gettempdir(), f"make-dist-{sweep.name}")
         say(f"make-dist: sweep {sweep.name}: logs in {logs_to_file(f'{local}/logs/driver.log')}")
+    init_ray(quiet)  # before the MLflow run: a cluster that cannot run trials leaves no run behind
+    if quiet:
+        say(f"make-dist: sweep {sweep.name}: Ray's and the trials' logs in {ray_logs()}")
     parent = open_run(base_cfg, sweep_dir, run_name=f"sweep {sweep.name}", params=_sweep_params(sweep))
     say(f"make-dist: sweep {sweep.name}: {trial_count(sweep)} trials; MLflow parent run {parent.id} at {parent.uri}")
     # A checkpoint's report has no held-out metric: expected, and the metric's
     # existence was checked in load_sweep. ASHA skips reports without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    init_ray(quiet)
-    if quiet:
-        say(f"make-dist: sweep {sweep.name}: Ray's and the trials' logs in {ray_logs()}")
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base_cfg.to_dict(), storage=sweep_dir, parent=parent),
         {"CPU": 0, "memory": 2**20})  # the trial only drives: no CPU, so its Train workers get them all

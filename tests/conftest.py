@@ -36,6 +36,21 @@ def tiny_shards(tmp_path_factory, repo_root) -> str:
     return str(root / "shards/manifest.json")
 
 
+def run_command(args: list[str], timeout: float = 540, **kwargs):
+    """subprocess.run with its output captured; on a timeout the test fails
+    with what the command printed so far (kept under pytest's own 600 s, which
+    would show only pytest's stack)."""
+    import subprocess
+
+    try:
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{args[0]} {args[1] if len(args) > 1 else ''} ran past {timeout} s; it printed:\n"
+                    f"{out[-4000:]}\n{err[-4000:]}")
+
+
 def free_port() -> int:
     import socket
 

@@ -1,13 +1,14 @@
 """The cluster path: `ray start --head` on 127.0.0.1, then `ray job submit` of
 jobs/pretrain.py, as a user runs it."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from conftest import run_command
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -16,13 +17,13 @@ BIN = Path(sys.executable).parent
 def test_job_submit_trains_and_tracks(tmp_path, repo_root, tiny_shards, ray_head):
     address, env = ray_head
     db = tmp_path / "mlflow.db"
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo_root), "--",
+    job = run_command(
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
          "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml",
          "--set", f"data.train_shards={tiny_shards}", "--set", f"train.storage={tmp_path}/runs",
          "--set", f"tracking.uri=sqlite:///{db}", "--set", "train.steps=3", "--set", "train.checkpoint_every=3",
          "--set", "data.num_workers=0"],
-        env=env, capture_output=True, text=True, timeout=900)
+        env=env)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     client = MlflowClient(f"sqlite:///{db}")
@@ -57,14 +58,13 @@ def sweep_runs(db, name):
 
 
 def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
-    """configs/sweep_ablation.yaml as shipped, 200 steps of batch 4 and one
-    seed: its first checkpoint (step 100) comes before its first evaluation
+    """configs/sweep_ablation.yaml as shipped, 200 steps of batch 4, one seed
+    and two trials at a time: its first checkpoint (step 100) comes before its first evaluation
     (step 200), which once killed the sweep."""
     db = tmp_path / "mlflow.db"
-    out = subprocess.run([str(BIN / "make-dist"), "sweep", "--config", str(repo_root / "configs/sweep_ablation.yaml"),
-                          *tiny(tiny_shards, db, tmp_path / "runs"), "--set", "train.steps=200",
-                          "--set", "sweep.seeds=1"],
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    out = run_command([BIN / "make-dist", "sweep", "--config", repo_root / "configs/sweep_ablation.yaml",
+                       *tiny(tiny_shards, db, tmp_path / "runs"), "--set", "train.steps=200",
+                       "--set", "sweep.seeds=1", "--set", "sweep.max_concurrent=2"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "6 trials (0 failed, 0 stopped early); best eval/classify/top1" in out.stdout
     assert "trial 6/6 started: config={'name': '+ dkw (MAKE)'" in out.stdout  # progress a person can read
@@ -88,11 +88,11 @@ def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, 
     learning rate per lambda (3 trials), two at a time."""
     address, env = ray_head
     db = tmp_path / "mlflow.db"
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(repo_root), "--",
+    job = run_command(
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
          "python", "jobs/sweep.py", "--config", "configs/sweep_lr_lambda.yaml", *tiny(tiny_shards, db, tmp_path),
          "--set", "sweep.samples=1", "--set", "sweep.max_concurrent=2"],
-        env=env, capture_output=True, text=True, timeout=900)
+        env=env)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "3 trials (0 failed" in job.stdout
     client, parent, trials = sweep_runs(db, "lr_lambda")
@@ -105,10 +105,13 @@ def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, 
             assert t.info.status == "KILLED" and steps[-1] < 200 and "ASHA" in t.data.tags["make_dist.stopped"]
 
 
-def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards):
+def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards, ray_head):
     """4 trials in the order lambda 0, 1, 2, 3: each adds about ln(batch) more
     of the fine-grained term to the total loss, so at step 3 each later trial
-    is below the median of those before it, and ASHA stops it there."""
+    is below the median of those before it, and ASHA stops it there.
+    With another Ray running on the machine (ray_head): the embedded sweep's
+    workers once lost track of their own cluster, a stopped trial's CPUs were
+    never freed and the last trial waited forever."""
     db = tmp_path / "mlflow.db"
     sweep = tmp_path / "asha.yaml"
     sweep.write_text(yaml.safe_dump({
@@ -118,8 +121,7 @@ def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards
         "metric": "loss/total", "mode": "min", "scheduler": "asha",
         "asha": {"grace_period": 3, "reduction_factor": 2}, "name": "asha",
     }))
-    out = subprocess.run([str(BIN / "make-dist"), "sweep", "--config", str(sweep),
-                          *tiny(tiny_shards, db, tmp_path / "runs")], capture_output=True, text=True, timeout=900)
+    out = run_command([BIN / "make-dist", "sweep", "--config", sweep, *tiny(tiny_shards, db, tmp_path / "runs")])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "4 trials (0 failed, 3 stopped early)" in out.stdout
     client, parent, trials = sweep_runs(db, "asha")

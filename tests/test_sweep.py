@@ -118,6 +118,7 @@ def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
     import time
     from pathlib import Path
 
+    from conftest import run_command
     from mlflow.tracking import MlflowClient
 
     synth = Path(tiny_shards).parent.parent / "synth"
@@ -132,7 +133,7 @@ def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient(f"sqlite:///{db}")
-    deadline = time.time() + 400
+    deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string="attributes.status = 'FINISHED'") if db.exists() else []
@@ -143,7 +144,7 @@ def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
     first.wait()
     assert first.returncode != 0
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    again = run_command(cmd, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from" in again.stdout and "2 trials (0 failed, 0 stopped early)" in again.stdout
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])

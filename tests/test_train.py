@@ -34,7 +34,7 @@ def shards(tiny_shards):
 def ray_local():
     import ray
 
-    from make_dist.train.launch import init_ray
+    from make_dist.train.cluster import init_ray
 
     init_ray()
     yield
@@ -187,6 +187,60 @@ def test_a_down_tracking_server_or_unwritable_storage_fails_before_ray_starts(tm
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and f"{key} = {value}: {message}" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and "Ray" not in out.stdout + out.stderr and time.time() - start < 30
+
+
+def test_an_unreachable_cluster_address_fails_within_seconds(tmp_path, shards):
+    """RAY_ADDRESS naming a cluster nobody runs: one line naming the address,
+    no MLflow run left behind (ray.init alone retries for minutes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.time()
+    out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={shards}", "--set",
+                          f"train.storage={tmp_path}/runs", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}"))
+    assert out.returncode == 2, out.stderr
+    assert f"RAY_ADDRESS = 127.0.0.1:{port}: no Ray cluster answers there" in out.stderr
+    assert "Traceback" not in out.stderr and time.time() - start < 30
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_every_node_must_import_the_workers_dependencies(ray_local):
+    """One probe task pinned to each node; a module a node lacks is named
+    with the node and its Python."""
+    from make_dist.errors import UserError
+    from make_dist.train.cluster import WORKER_MODULES, check_nodes
+
+    check_nodes()  # this machine's node has them all
+    with pytest.raises(UserError, match=r"node \S+ \(\S*python\S*\) cannot import no_such_module_of_make_dist"):
+        check_nodes((*WORKER_MODULES, "no_such_module_of_make_dist"))
+
+
+def test_quiet_ray_sends_the_raylets_messages_to_the_log_file(tmp_path):
+    """Ray's driver prints the raylet's messages to stdout whatever
+    log_to_driver says; quiet, they belong in the log file. A real message
+    published through the embedded Ray's GCS, as the raylet publishes its own."""
+    script = tmp_path / "quiet.py"
+    script.write_text(f"""
+import time
+import ray
+from ray._private.utils import publish_error_to_driver
+from make_dist.progress import logs_to_file
+from make_dist.train.cluster import init_ray
+
+logs_to_file({str(tmp_path / "driver.log")!r})
+init_ray(quiet=True)
+publish_error_to_driver("test", "WARNING: 8 PYTHON worker processes (a test)", ray._private.worker.global_worker.gcs_client)
+time.sleep(3)
+print("done")
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stdout + out.stderr
+    assert "PYTHON worker processes" not in out.stderr
+    assert "raylet: WARNING: 8 PYTHON worker processes (a test)" in (tmp_path / "driver.log").read_text()
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,6 @@
-"""The driver: check the config, open the MLflow run, start (or join) Ray, fit.
+"""The driver: check the config, start (or join) Ray (train/cluster.py),
+open the MLflow run, fit.
 
-Under `ray job submit --address ...` RAY_ADDRESS is set and the job joins
-that cluster; run directly, it starts its own embedded local Ray bound to
-127.0.0.1, its dashboard too (a dashboard runs whatever is submitted to it),
-and never joins another cluster found on the machine.
 Rerunning the same `train.name` in the same `train.storage` resumes the run
 from its latest checkpoint.
 """
@@ -11,7 +8,6 @@ from its latest checkpoint.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import urllib.error
 import urllib.request
@@ -26,6 +22,7 @@ from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
+from .cluster import init_ray
 from .loop import WorkerPlan, train_worker
 
 
@@ -108,35 +105,6 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def init_ray(quiet: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray.
-    quiet: the workers' output and Ray's own messages stay in Ray's log files
-    (`ray_logs()`), off the terminal."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    options = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**options)  # a cluster (ray job submit or an exported address)
-    else:
-        # address="local": always a new embedded instance; without it ray.init joins the last
-        # cluster recorded in Ray's temp folder or any live one on this machine (a stale one hangs).
-        # The dashboard serves Ray's state API, which Ray Train polls; it listens on 127.0.0.1 only.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **options)
-
-
-def ray_logs() -> str:
-    """The folder of this Ray session's logs (workers' output included)."""
-    import ray
-
-    try:
-        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
-    except AttributeError:
-        return "/tmp/ray/session_latest/logs"
-
-
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
         params: dict | None = None, quiet: bool = False) -> FitResult:
     """Train: check -> MLflow run -> Ray -> Ray Train's fit -> curves and status.
@@ -147,6 +115,7 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
     from ray.train.torch import TorchTrainer
 
     cfg = check(cfg)
+    init_ray(quiet)  # before the MLflow run: a cluster that cannot run workers leaves no run behind
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     run = open_run(cfg, run_dir, parent=parent,
                    params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
@@ -154,7 +123,6 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         print(f"make-dist: MLflow run {run.id} at {run.uri}")
         if run.uri.startswith("sqlite:"):
             print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
-    init_ray(quiet)
     trainer = TorchTrainer(
         functools.partial(train_worker, WorkerPlan(cfg, run_dir, run)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,

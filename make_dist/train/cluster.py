@@ -1,0 +1,145 @@
+"""Ray for make-dist: join the cluster the user names, or start an embedded one.
+
+Under `ray job submit --address ...` RAY_ADDRESS is set and a command joins
+that cluster, after checking that it answers and that every node's Python
+imports the workers' dependencies. Run directly, a command starts its own
+embedded local Ray bound to 127.0.0.1 (its dashboard too: a dashboard runs
+whatever is submitted to it) and never joins another cluster found on the
+machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from ..errors import UserError
+
+
+def init_ray(quiet: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (checked: it answers, and every
+    node can import the workers' dependencies), or start an embedded local Ray.
+    quiet: the workers' output and Ray's own messages stay in Ray's log files
+    (`ray_logs()`), off the terminal."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    options = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
+    if quiet:
+        _raylet_messages_to_log()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (ray job submit or an exported address)
+        check_ray_address(address)
+        ray.init(**options)
+        check_nodes()
+    else:
+        # address="local": always a new embedded instance; without it ray.init joins the last
+        # cluster recorded in Ray's temp folder or any live one on this machine (a stale one hangs).
+        # The dashboard serves Ray's state API, which Ray Train polls; it listens on 127.0.0.1 only.
+        # The workers are told where it is: left to find it, the state API scans the machine, and
+        # with another Ray running here it finds two and fails; Ray Train's placement-group
+        # cleaner then never frees a stopped trial's CPUs and the next trial waits forever.
+        port = _free_port()
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **options)
+
+
+def _raylet_messages_to_log() -> None:
+    """Ray's driver prints the raylet's messages (such as "8 PYTHON worker
+    processes have been started", seen whenever trials start together) to
+    stdout whatever log_to_driver says; quiet, they go to the logging file
+    like every other library's. Ray has no setting for it: its printer is
+    wrapped (pinned Ray; tests/test_train.py checks it)."""
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "make_dist_quiet", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                logging.getLogger("raylet").warning(line)  # not under "ray": quiet, that logs errors only
+        else:
+            printer(data, ignore_prefix)
+
+    print_to_stdstream.make_dist_quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_ray_address(address: str, timeout: float = 10.0) -> None:
+    """The named cluster takes a connection within seconds (ray.init would
+    retry an address nobody answers for minutes, printing warnings)."""
+    if address in ("auto", "local"):  # Ray's own discovery on this machine
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"RAY_ADDRESS = {address}: expected HOST:PORT (the head's GCS address, "
+                        f"as `ray start --head` prints it)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"RAY_ADDRESS = {address}: no Ray cluster answers there ({e.strerror or e}). Start its "
+                        f"head (.venv/bin/ray start --head ...), fix the address, or unset RAY_ADDRESS to run on "
+                        f"an embedded local Ray") from None
+
+
+# What every node's Python must import to run a worker; make_dist itself comes
+# with the job's --working-dir.
+WORKER_MODULES = ("torch", "deepspeed", "webdataset", "mlflow", "fsspec", "open_clip", "make_dist")
+
+
+def check_nodes(modules: tuple[str, ...] = WORKER_MODULES, timeout: float = 180.0) -> None:
+    """Every live node of the cluster imports `modules`: one zero-CPU task
+    pinned to each, before any worker starts (else a worker dies deep in a
+    traceback on the first node started from another Python)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_missing_modules)
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(modules): n["NodeManagerAddress"] for n in nodes}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    problems = []
+    for ref in ready:
+        python, missing = ray.get(ref)
+        if missing:
+            problems.append(f"node {refs[ref]} ({python}) cannot import {', '.join(missing)}")
+    problems += [f"node {refs[ref]} did not run a probe task within {timeout:.0f} s" for ref in late]
+    if problems:
+        raise UserError("the cluster cannot run make-dist's workers: " + "; ".join(problems) + ". Start every "
+                        "node's Ray from the project's environment (.venv/bin/ray start ...), or give the job one "
+                        "(--runtime-env-json '{\"pip\": \"requirements.lock\"}')")
+
+
+def _missing_modules(modules: tuple[str, ...]) -> tuple[str, list[str]]:
+    import importlib
+    import sys
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing.append(f"{name} ({e})")
+    return sys.executable, missing
+
+
+def ray_logs() -> str:
+    """The folder of this Ray session's logs (workers' output included)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
