@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/make-dist demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The offline wheel set for a GPU host without internet (docs/gpu-hosts.md).
 wheelhouse: setup

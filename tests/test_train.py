@@ -219,28 +219,28 @@ def test_every_node_must_import_the_workers_dependencies(ray_local):
         check_nodes((*WORKER_MODULES, "no_such_module_of_make_dist"))
 
 
-def test_quiet_ray_sends_the_raylets_messages_to_the_log_file(tmp_path):
+def test_quiet_ray_sends_the_raylets_messages_to_the_log(ray_local, capfd, caplog, monkeypatch):
     """Ray's driver prints the raylet's messages to stdout whatever
-    log_to_driver says; quiet, they belong in the log file. A real message
-    published through the embedded Ray's GCS, as the raylet publishes its own."""
-    script = tmp_path / "quiet.py"
-    script.write_text(f"""
-import time
-import ray
-from ray._private.utils import publish_error_to_driver
-from make_dist.progress import logs_to_file
-from make_dist.train.cluster import init_ray
+    log_to_driver says; quiet, they belong in the log. A real message
+    published through the GCS, as the raylet publishes its own."""
+    import logging
 
-logs_to_file({str(tmp_path / "driver.log")!r})
-init_ray(quiet=True)
-publish_error_to_driver("test", "WARNING: 8 PYTHON worker processes (a test)", ray._private.worker.global_worker.gcs_client)
-time.sleep(3)
-print("done")
-""")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "done", out.stdout + out.stderr
-    assert "PYTHON worker processes" not in out.stderr
-    assert "raylet: WARNING: 8 PYTHON worker processes (a test)" in (tmp_path / "driver.log").read_text()
+    import ray
+    import ray._private.worker as ray_worker
+    from ray._private.utils import publish_error_to_driver
+
+    from make_dist.train.cluster import _raylet_messages_to_log
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    _raylet_messages_to_log()
+    caplog.set_level(logging.INFO)
+    publish_error_to_driver("test", "WARNING: 8 PYTHON worker processes (a test)", ray_worker.global_worker.gcs_client)
+    deadline = time.time() + 20
+    while time.time() < deadline and not any("PYTHON worker processes (a test)" in r.message for r in caplog.records):
+        time.sleep(0.2)
+    assert [r.name for r in caplog.records if "PYTHON worker processes (a test)" in r.message] == ["raylet"]
+    assert "PYTHON worker processes (a test)" not in capfd.readouterr().out
+    assert ray.is_initialized()
 
 
 # ---------------------------------------------------------------------------

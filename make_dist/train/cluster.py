@@ -41,10 +41,13 @@ def init_ray(quiet: bool = False) -> None:
         # The workers are told where it is: left to find it, the state API scans the machine, and
         # with another Ray running here it finds two and fails; Ray Train's placement-group
         # cleaner then never frees a stopped trial's CPUs and the next trial waits forever.
+        # Nothing preempts this one node: Ray Train's preemption watcher (one more actor
+        # process per run, seconds of start-up on a laptop) is left out.
         port = _free_port()
+        workers_env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **options)
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": workers_env}, **options)
 
 
 def _raylet_messages_to_log() -> None:
