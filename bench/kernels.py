@@ -8,6 +8,11 @@ CPU smoke run of the same code under Triton's interpreter (tiny sizes):
 
     TRITON_INTERPRET=1 .venv/bin/python bench/kernels.py --small
 
+Any machine, no GPU: what each kernel build costs on sm_80 and sm_90
+(registers, spills, shared memory; kernels/build.py):
+
+    .venv/bin/python bench/kernels.py --compile-only --json resources.json
+
 What it does, at local batch B = 2048, N = 11 slots, D = 512, P = 196 patches:
 1. correctness at real size: the loss numerators and every input gradient of
    the kernels (fp32 and bf16 inputs) against the dense path in fp32;
@@ -130,13 +135,49 @@ def extra_memory_mb(fn) -> float:
     return extra / 2**20
 
 
+def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
+    """Every kernel as the launchers run it (D = 512), for each (target, input type)."""
+    import json
+
+    from kernels.build import all_builds, resources
+
+    records = []
+    lines = ["| kernel | target | dtype | registers | spill bytes | shared KB | fits | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    print(lines[0] + "\n" + lines[1], flush=True)
+    for arch, dtypes in builds:
+        for dtype, name, build in all_builds(dtypes=(dtypes,)):
+            start = time.perf_counter()
+            r = {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
+            records.append(r)
+            lines.append(f"| {name} | {r['target']} | {dtype} | {r['registers']} | {r['spill_bytes']} | "
+                         f"{r['shared_bytes'] / 1024:.0f} | {'yes' if r['shared_fits'] else 'NO'} | "
+                         f"{r['compile_s']} |")
+            print(lines[-1], flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1, default=str)
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU run under TRITON_INTERPRET=1")
     p.add_argument("--ranks", default="1,8,32")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", help="also write the report (markdown) here")
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: compile every kernel for --builds and print registers, spills "
+                        "and shared memory (kernels/build.py)")
+    p.add_argument("--builds", default="80:bf16,80:fp32,90:bf16,90:fp32",
+                   help="compute capability:input type pairs to compile for")
+    p.add_argument("--json", help="with --compile-only: also write the records here")
     args = p.parse_args()
+    if args.compile_only:
+        return compile_table([(int(b.split(":")[0]), b.split(":")[1]) for b in args.builds.split(",")],
+                             args.json, args.out)
     import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

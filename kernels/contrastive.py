@@ -31,8 +31,6 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_R, BLOCK_C = 32, 32  # tl.dot needs each dimension >= 16
-
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -150,14 +148,41 @@ def _prepare(rows, cols, col_valid):
     return rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), valid
 
 
-def _meta(rows, valid):
-    ieee = rows.dtype == torch.float32
-    # float32 tiles are twice bf16's: with Triton's default 3 pipeline stages the
-    # kernels asked for 192-197 KB of shared memory (compiled for sm_80), more
-    # than an A100 has (163 KB); with 2, 128-132 KB. bf16 keeps the default.
-    return dict(HAS_VALID=valid is not None, IEEE=ieee, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-                BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_D=max(16, triton.next_power_of_2(rows.shape[1])),
-                num_stages=2 if ieee else 3)
+def launch_meta(dtype: torch.dtype, has_valid: bool, D: int, backward: bool = False) -> dict:
+    """The constants and launch options of a kernel on `dtype` rows and columns
+    (also what kernels/build.py compiles for a card it does not have). Chosen
+    so that no build spills registers and every one fits an A100's shared
+    memory (bench/kernels.py --compile-only; docs/BENCHMARKS.md):
+    - bf16 and fp16 go through the tensor cores in 32 x 32 tiles; the backward
+      kernels hold a 32 x D float32 gradient and spilled at 4 warps (255
+      registers): they take 8;
+    - float32 (exact products, no tensor cores) in 16 x 16 tiles and 2
+      pipeline stages: 32 x 32 spilled 20 KB per thread and asked for 192 KB
+      of shared memory at Triton's default 3 stages."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    block = 32 if half else 16  # tl.dot needs each dimension >= 16
+    return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+                BLOCK_R=block, BLOCK_C=block, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                num_warps=8 if half and backward else 4, num_stages=3 if half else 2)
+
+
+def builds(dtype: torch.dtype, D: int, has_valid: bool = True) -> list[tuple]:
+    """(kernel, argument types, constants, options) of each kernel as the launchers
+    run it on `dtype` rows and columns of width D."""
+    t = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    ints = {"R": "i32", "NC": "i32", "D": "i32"}
+    out = []
+    for kernel, signature in (
+        (_lse_forward, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "SCALE": "*fp32", **ints}),
+        (_lse_backward_rows, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DX": t,
+                              "DS": "*fp32", "SCALE": "*fp32", **ints}),
+        (_lse_backward_cols, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DC": t,
+                              "SCALE": "*fp32", **ints}),
+    ):
+        meta = launch_meta(dtype, has_valid, D, backward=kernel is not _lse_forward)
+        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+        out.append((kernel, signature, {**meta, "UPCAST": False}, options))  # UPCAST off: what a GPU runs
+    return out
 
 
 def lse_forward(rows, cols, col_valid, scale, out=None):
@@ -167,7 +192,8 @@ def lse_forward(rows, cols, col_valid, scale, out=None):
     if R == 0:  # a rank without samples: nothing to launch
         return out
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
-    _lse_forward[(triton.cdiv(R, BLOCK_R),)](rows, cols, dummy, out, scale, R, cols.shape[0], D, **_meta(rows, valid))
+    meta = launch_meta(rows.dtype, valid is not None, D)
+    _lse_forward[(triton.cdiv(R, meta["BLOCK_R"]),)](rows, cols, dummy, out, scale, R, cols.shape[0], D, **meta)
     return out
 
 
@@ -178,14 +204,15 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     grad = grad.float().contiguous()
     d_rows = torch.empty_like(rows) if d_rows is None else d_rows
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
-    blocks = triton.cdiv(R, BLOCK_R)
+    meta = launch_meta(rows.dtype, valid is not None, D, backward=True)
+    blocks = triton.cdiv(R, meta["BLOCK_R"])
     parts = torch.empty(blocks, device=rows.device, dtype=torch.float32) if d_scale_parts is None else d_scale_parts
     if R == 0 or NC == 0:  # no row or no column: every gradient is 0
         return d_rows.zero_(), d_cols.zero_(), parts.zero_().sum()
     dummy = valid if valid is not None else lse
-    meta = _meta(rows, valid)
     _lse_backward_rows[(blocks,)](rows, cols, dummy, lse, grad, d_rows, parts, scale, R, NC, D, **meta)
-    _lse_backward_cols[(triton.cdiv(NC, BLOCK_C),)](rows, cols, dummy, lse, grad, d_cols, scale, R, NC, D, **meta)
+    _lse_backward_cols[(triton.cdiv(NC, meta["BLOCK_C"]),)](rows, cols, dummy, lse, grad, d_cols, scale, R, NC, D,
+                                                             **meta)
     return d_rows, d_cols, parts.sum()
 
 

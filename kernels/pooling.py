@@ -15,6 +15,10 @@ import triton
 import triton.language as tl
 
 BLOCK_P = 16
+# The backward holds more per program (the text's gradient, the relevance): at
+# 4 warps its float32 build spilled on sm_80; at 8 no build spills
+# (bench/kernels.py --compile-only).
+FORWARD_WARPS, BACKWARD_WARPS = 4, 8
 EPS = 1e-12  # as F.normalize
 
 
@@ -67,13 +71,28 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def builds(dtype: torch.dtype, D: int) -> list[tuple]:
+    """(kernel, argument types, constants, options) of each kernel as the launchers
+    run it on `dtype` patches and texts of width D (see kernels/build.py)."""
+    t = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    meta = {"BLOCK_P": BLOCK_P, "BLOCK_D": _block_d(D)}
+    ints = {"P": "i32", "D": "i32", "sigma": "fp32"}
+    return [
+        (_pool_forward, {"PATCHES": t, "TEXT": t, "E": "*fp32", "NORM": "*fp32", **ints}, meta,
+         {"num_warps": FORWARD_WARPS, "num_stages": 3}),
+        (_pool_backward, {"PATCHES": t, "TEXT": t, "E": "*fp32", "NORM": "*fp32", "DE": "*fp32", "DP": t, "DT": t,
+                          **ints}, meta, {"num_warps": BACKWARD_WARPS, "num_stages": 3}),
+    ]
+
+
 def pool_forward(patches, text, sigma: float, e=None, norm=None):
     B, P, D = patches.shape
     e = torch.empty(B, D, device=patches.device, dtype=torch.float32) if e is None else e
     norm = torch.empty(B, device=patches.device, dtype=torch.float32) if norm is None else norm
     if B == 0:  # a rank without samples: nothing to launch
         return e, norm
-    _pool_forward[(B,)](patches, text, e, norm, P, D, float(sigma), BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D))
+    _pool_forward[(B,)](patches, text, e, norm, P, D, float(sigma), BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D),
+                        num_warps=FORWARD_WARPS)
     return e, norm
 
 
@@ -84,7 +103,7 @@ def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, 
     if B == 0:
         return d_patches, d_text
     _pool_backward[(B,)](patches, text, e, norm, grad_e.contiguous(), d_patches, d_text, P, D, float(sigma),
-                         BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D))
+                         BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D), num_warps=BACKWARD_WARPS)
     return d_patches, d_text
 
 

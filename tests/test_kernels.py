@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.contrastive import _meta, _prepare, lse_backward, lse_forward
+from kernels.contrastive import _prepare, launch_meta, lse_backward, lse_forward
 from kernels.pooling import pool_backward, pool_forward
 from make_dist import objective
 from tests.test_objective import random_inputs, with_missing
@@ -78,7 +78,8 @@ def test_column_lse_writes_every_element():
     assert torch.isfinite(lse).all()
     d_rows = torch.full_like(x, float("nan"))
     d_cols = torch.full_like(c, float("nan"))
-    parts = torch.full((2,), float("nan"), device=DEVICE)
+    parts = torch.full((-(-R // launch_meta(torch.float32, True, D, backward=True)["BLOCK_R"]),), float("nan"),
+                       device=DEVICE)  # one partial sum of the scale's gradient per row block
     lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols, parts)
     assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(parts).all()
 
@@ -105,7 +106,7 @@ def test_column_lse_bf16_forward_and_backward(cols_dtype):
     (got * upstream).sum().backward()
     assert got.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and c.grad.dtype == cols_dtype
     rows, _, _ = _prepare(x, c, None)  # bf16 with bf16: the tensor-core branch; with float32: IEEE float32
-    assert _meta(rows, None)["IEEE"] == (cols_dtype == torch.float32)
+    assert launch_meta(rows.dtype, False, 64)["IEEE"] == (cols_dtype == torch.float32)
     # the reference: the same (rounded) values in float64
     x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, c, s))
     want = objective.column_logsumexp(x64, c64, valid, s64)
@@ -228,46 +229,30 @@ def test_kernels_take_empty_inputs():
     assert e.shape == (0, 16) and p.grad.shape == p.shape
 
 
-A100_SHARED = 163 * 1024  # the most shared memory one block may ask for on an A100 (sm_80)
-
-# Run in a fresh process: this one defined the kernels for the interpreter.
-COMPILE_FOR_SM80 = """
-import json, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.contrastive import _lse_backward_cols, _lse_backward_rows, _lse_forward, _meta
-
-meta = _meta(torch.zeros(1, 512), torch.zeros(1, dtype=torch.int8))  # float32 rows, D = 512, a validity mask
-stages = meta.pop("num_stages")
-shared = {}
-for kernel in (_lse_forward, _lse_backward_rows, _lse_backward_cols):
-    names = kernel.arg_names
-    signature = {n: "constexpr" if n in meta else "*i8" if n == "VALID" else "i32" if n in ("R", "NC", "D")
-                 else "*fp32" for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in meta.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options=dict(num_warps=4, num_stages=stages))
-    shared[kernel.__name__] = compiled.metadata.shared
-print(json.dumps(shared))
-"""
-
-
-@pytest.mark.slow
-def test_float32_kernels_fit_an_a100(repo_root):
-    """bf16 training runs the fine-grained term's log-sum-exp in float32 (bf16
-    subtexts against float32 knowledge embeddings): those builds, configured
-    as the launcher configures them, must fit an A100. Compiled for sm_80
-    without a GPU (ptxas ships in the triton wheel): about 35 s."""
+def test_the_kernels_compile_for_the_cards_and_fit_them(repo_root, tmp_path):
+    """What the interpreter cannot see: each kernel, configured as its launcher
+    configures it, lowers, spills no register and fits the card's shared memory. bf16 for sm_90
+    (an H100's training runs), float32 for sm_80 (bf16 training takes the
+    fine-grained term in float32; an A100 has 163 KB). Compiled without a GPU
+    by bench/kernels.py --compile-only (ptxas ships in the triton wheel), in a
+    fresh process: this one defined the kernels for the interpreter."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM80], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "bench/kernels.py", "--compile-only", "--builds", "90:bf16,80:fp32",
+                          "--json", str(tmp_path / "builds.json")], capture_output=True, text=True, env=env,
                          cwd=repo_root, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    shared = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(shared) == 3 and all(0 < v <= A100_SHARED for v in shared.values()), shared
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    records = json.loads((tmp_path / "builds.json").read_text())
+    assert sorted((r["target"], r["dtype"], r["kernel"]) for r in records) == sorted(
+        (target, dtype, kernel) for target, dtype in (("sm_90", "bf16"), ("sm_80", "fp32"))
+        for kernel in ("_lse_forward", "_lse_backward_rows", "_lse_backward_cols", "_pool_forward", "_pool_backward"))
+    for r in records:  # nothing spilled to local memory, and the card has the shared memory asked for
+        assert r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] and r["shared_fits"], r
+    assert "| _lse_forward | sm_90 | bf16 |" in out.stdout  # the table a person reads
 
 
 def test_auto_backend_picks_torch_on_cpu_tensors():
