@@ -9,6 +9,7 @@ poisoned with NaN before each launch to prove every element is written.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernels
 from kernels.contrastive import _prepare, launch_meta, lse_backward, lse_forward
@@ -78,8 +79,8 @@ def test_column_lse_writes_every_element():
     assert torch.isfinite(lse).all()
     d_rows = torch.full_like(x, float("nan"))
     d_cols = torch.full_like(c, float("nan"))
-    parts = torch.full((-(-R // launch_meta(torch.float32, True, D, backward=True)["BLOCK_R"]),), float("nan"),
-                       device=DEVICE)  # one partial sum of the scale's gradient per row block
+    row_blocks = triton.cdiv(R, launch_meta(torch.float32, True, D, backward=True)["BLOCK_R"])
+    parts = torch.full((row_blocks,), float("nan"), device=DEVICE)  # the scale's gradient, a part per row block
     lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols, parts)
     assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(parts).all()
 

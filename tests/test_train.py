@@ -192,11 +192,9 @@ def test_a_down_tracking_server_or_unwritable_storage_fails_before_ray_starts(tm
 def test_an_unreachable_cluster_address_fails_within_seconds(tmp_path, shards):
     """RAY_ADDRESS naming a cluster nobody runs: one line naming the address,
     no MLflow run left behind (ray.init alone retries for minutes)."""
-    import socket
+    from conftest import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     start = time.time()
     out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={shards}", "--set",
                           f"train.storage={tmp_path}/runs", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
