@@ -5,6 +5,7 @@ needs when it runs, so `make-dist config` does not wait for torch and Ray."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -105,31 +106,63 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Zero-shot classification, concept annotation or retrieval of a model on a table."""
+    """Zero-shot classification, concept annotation or retrieval of a model on a
+    table (--task, --table), or the paper's whole benchmark suite on the
+    authors' data folder (--suite paper --data DIR): Table 1 and Table 2."""
     from .config import ModelConfig
     from .evaluate.report import log_results, table, write_json
-    from .evaluate.tasks import run_task
+    from .files import write_atomic
     from .model import build_model, tokenizer
     from .tracking import Run, tracking_uri
 
+    if args.suite:
+        if args.task or args.table:
+            raise UserError("--suite scores its own sets: leave out --task and --table")
+        if not args.data:
+            raise UserError("--suite paper needs --data DIR, the authors' data/ folder (PAD/, F17K/, ...)")
+        from .evaluate import paper
+
+        paper.check_data(args.data)  # a wrong folder fails before the model loads
+    elif not (args.task and args.table):
+        raise UserError("give --task and --table (one table), or --suite paper --data DIR (the paper's sets)")
     model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
     model = build_model(model_cfg)
-    results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes)]
-    print(table({args.model: results}))
-    for r in results:
-        if r.skipped:
-            print(f"{r.task}: skipped {len(r.skipped)} rows, first: row {r.skipped[0]['row']} "
-                  f"{r.skipped[0]['image']}: {r.skipped[0]['reason']}")
+    if args.suite:
+        results = paper.run_suite(model, tokenizer(model_cfg), args.data, args.concept_terms, args.batch_size)
+        print(paper.tables(results, args.model))
+        report = paper.to_json(results)
+    else:
+        from .evaluate.tasks import run_task
+
+        results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes)]
+        print(table({args.model: results}))
+        for r in results:
+            if r.skipped:
+                print(f"{r.task}: skipped {len(r.skipped)} rows, first: row {r.skipped[0]['row']} "
+                      f"{r.skipped[0]['image']}: {r.skipped[0]['reason']}")
     if args.out:
-        write_json(args.out, {args.model: results})
+        if args.suite:
+            write_atomic(args.out, json.dumps(report, indent=1))
+        else:
+            write_json(args.out, {args.model: results})
         print(f"results written to {args.out}")
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri)
-        run = Run(uri, args.run_id) if args.run_id else Run.create(uri, "make-dist-eval", f"eval {args.model}")
-        log_results(run, results)
+        name = f"{args.suite or args.task} {args.model}"
+        run = Run(uri, args.run_id) if args.run_id else Run.create(uri, "make-dist-eval", name)
+        if args.suite:
+            run.log_params({"suite": args.suite, "data": args.data, "model": args.model,
+                            "weights": args.weights or "", "concept_terms": args.concept_terms or "(make-dist's)"})
+            paper.log_suite(run, results)
+        else:
+            log_results(run, results)
         if not args.run_id:
             run.finish()
         print(f"MLflow run {run.id}")
+    failed = [r.benchmark.name for r in results if args.suite and r.status == "error"]
+    if failed:
+        print(f"make-dist: stopped by an error: {', '.join(failed)} (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -195,8 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="an exported model folder, an open_clip name (ViT-B-16) or a config .json")
     p.add_argument("--weights", help="a checkpoint file or an open_clip pretrained tag for --model")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--table", required=True, help="CSV or Parquet: image + label | concept 0/1 columns | caption")
+    p.add_argument("--task", choices=TASKS, help="one task on one table (with --table)")
+    p.add_argument("--table", help="CSV or Parquet: image + label | concept 0/1 columns | caption")
+    p.add_argument("--suite", choices=("paper",), help="the paper's seven benchmark sets (with --data)")
+    p.add_argument("--data", metavar="DIR", help="--suite: the authors' data/ folder (PAD/, F17K/, SNU/, SD-128/, "
+                   "skincon/, derm7pt/, skin_cap/)")
+    p.add_argument("--concept-terms", metavar="JSON",
+                   help="--suite: concept synonym terms, e.g. the authors' ConceptTerms.json (default: make-dist's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--images-root", help="folder or URL that relative image paths are under")
     p.add_argument("--classes", help="classify: YAML of class names (and synonyms) the labels use")
     p.add_argument("--out", help="write the results as JSON here")

@@ -183,14 +183,24 @@ class EvalConfig:
     concepts_table: str | None = None  # image, one 0/1 column per concept
     retrieval_table: str | None = None  # image, caption
     images_root: str | None = None
+    suite: str | None = None  # "paper": the paper's seven benchmark sets (make_dist/evaluate/paper.py)
+    suite_data: str | None = None  # the authors' data/ folder (PAD/, F17K/, ..., skin_cap/)
+    concept_terms: str | None = None  # the suite's concept terms JSON (default: make-dist's own)
 
     def tables(self) -> dict[str, str]:
         """{task: table} of the tasks configured."""
         tables = dict(zip(TASKS, (self.classify_table, self.concepts_table, self.retrieval_table)))
         return {task: table for task, table in tables.items() if table}
 
+    def enabled(self) -> bool:
+        """Whether anything is evaluated: a table or the suite."""
+        return bool(self.tables() or self.suite)
+
     def validate(self) -> None:
         _require(self.every_steps >= 0, "every_steps", "must be >= 0")
+        _require(self.suite in (None, "paper"), "suite", "must be paper (or unset)")
+        _require(not self.suite or bool(self.suite_data), "suite_data",
+                 "must name the authors' data/ folder when suite is set")
         _require(not self.classify_table or bool(self.classes), "classes",
                  "must name the class list when classify_table is set")
 

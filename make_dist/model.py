@@ -203,7 +203,8 @@ def _tower_flops(transformer, lengths: torch.Tensor) -> float:
 
 def resolve_architecture(name: str) -> tuple[str, dict]:
     """(open_clip name, model config) for a built-in name, a config JSON path,
-    a bare name from make_dist/model_configs, or an exported model folder."""
+    a bare name from make_dist/model_configs, an exported model folder (or a
+    downloaded Hugging Face one: the same files), or an hf-hub:ORG/REPO name."""
     path = Path(name)
     if path.suffix == ".json" or (not path.suffix and (CONFIG_DIR / f"{name}.json").is_file()):
         path = path if path.suffix == ".json" else CONFIG_DIR / f"{name}.json"
@@ -216,6 +217,15 @@ def resolve_architecture(name: str) -> tuple[str, dict]:
         return path.stem, arch
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
         return f"local-dir:{path}", json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
+    if name.startswith("hf-hub:"):  # e.g. the authors' released weights, hf-hub:xieji-x/MAKE
+        try:
+            config = open_clip.pretrained.download_pretrained_from_hf(name[len("hf-hub:"):], filename=EXPORT_CONFIG)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{name}: cannot fetch its {EXPORT_CONFIG} from the Hugging Face Hub ({str(e)[:200]}). Offline, "
+                f"download the repository where there is a connection (huggingface-cli download REPO --local-dir "
+                f"DIR) and pass DIR as the model") from None
+        return name, json.loads(Path(config).read_text())["model_cfg"]
     arch = open_clip.get_model_config(name)
     if arch is None:
         raise ModelLoadError(

@@ -119,17 +119,23 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
 
 
 def _check_metric(sweep: SweepConfig, cfg, path: Path) -> None:
-    """The metric must be one a trial reports: the loss, or a held-out metric
-    of a table the base config evaluates; ASHA needs it before the last step."""
+    """The metric must be one a trial reports: the loss, a held-out metric of a
+    table the base config evaluates, or one of the paper suite's
+    (eval/paper/<average> or eval/paper/<set>/<metric>); ASHA needs it before the last step."""
     if sweep.metric == "loss/total":
         return
     parts = sweep.metric.split("/")
-    names = ", ".join(["loss/total"] + [f"eval/{t}/{m}" for t in cfg.evaluation.tables() for m in REPORTED[t]])
-    if len(parts) != 3 or parts[0] != "eval" or parts[1] not in REPORTED or parts[2] not in REPORTED[parts[1]]:
-        raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: no trial reports it (reported: {names})")
-    if parts[1] not in cfg.evaluation.tables():
-        raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config evaluates no {parts[1]!r} "
-                          f"table (set evaluation.{parts[1]}_table)")
+    if parts[:2] == ["eval", "paper"]:
+        if not cfg.evaluation.suite:
+            raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config runs no suite "
+                              f"(set evaluation.suite = paper and evaluation.suite_data)")
+    else:
+        names = ", ".join(["loss/total"] + [f"eval/{t}/{m}" for t in cfg.evaluation.tables() for m in REPORTED[t]])
+        if len(parts) != 3 or parts[0] != "eval" or parts[1] not in REPORTED or parts[2] not in REPORTED[parts[1]]:
+            raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: no trial reports it (reported: {names})")
+        if parts[1] not in cfg.evaluation.tables():
+            raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config evaluates no {parts[1]!r} "
+                              f"table (set evaluation.{parts[1]}_table)")
     if sweep.scheduler == "asha" and not cfg.evaluation.every_steps:
         raise ConfigError(f"{path}: sweep.scheduler = asha compares trials on {sweep.metric} before their end, "
                           f"but evaluation.every_steps = 0 evaluates only after the last step: set it")

@@ -95,6 +95,7 @@ def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
     ({"metric": "eval/classify/top1"}, "evaluates no 'classify' table"),
     ({"metric": "eval/classify/top7"}, "no trial reports it"),
     ({"metric": "accuracy"}, "no trial reports it"),
+    ({"metric": "eval/paper/classify_avg_top1"}, "the base config runs no suite"),
     ({"metric": "eval/classify/top1", "set": ["data.train_shards=x", "evaluation.classify_table=t.csv",
                                               "evaluation.classes=c.yaml"]}, "evaluation.every_steps = 0"),
     ({"asha": {"grace": 3}}, "sweep.asha.grace: unknown"),

@@ -46,10 +46,12 @@ def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
     paths = []
     if result.task == "classify":
         names, confusion = result.details["classes"], result.details["confusion"]
-        fig, ax = plt.subplots(figsize=(0.5 * len(names) + 3, 0.5 * len(names) + 2))
+        side = min(0.5 * len(names), 16)  # 134 classes: a readable square, not 70 inches
+        fig, ax = plt.subplots(figsize=(side + 3, side + 2))
         ax.imshow(confusion, cmap="Blues")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        if len(names) <= 40:
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{label} confusion matrix (top-1 {result.metrics['top1']:.3f})")

@@ -10,6 +10,7 @@ first batch); an image that cannot be read is skipped and counted.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -76,20 +77,28 @@ def _collate(items):
 
 
 @torch.no_grad()
-def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0):
-    """(embeddings (M, D) of the readable images, their row indices, skipped records)."""
+def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0,
+                  progress: str | None = None):
+    """(embeddings (M, D) of the readable images, their row indices, skipped records).
+    progress: a label for a bar of images encoded (none without it)."""
+    from tqdm import tqdm
+
     transform = image_transform(model.image_size, train=False)
     loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     device = _device(model)
     embeddings, rows, skipped = [], [], []
+    bar = tqdm(total=len(paths), desc=progress, unit="image", disable=progress is None, file=sys.stdout,
+               dynamic_ncols=True, leave=False)
     for items in loader:
+        bar.update(len(items))
         good = [(i, x) for i, x, reason in items if reason is None]
         skipped += [{"row": i, "image": paths[i], "reason": reason} for i, _, reason in items if reason]
         if good:
             batch = torch.stack([x for _, x in good]).to(device)  # uint8: the model normalises
             embeddings.append(model.encode_image(batch)[0].float())
             rows += [i for i, _ in good]
+    bar.close()
     if not embeddings:
         raise UserError(f"no image of the table could be read ({len(skipped)} tried; first: "
                         f"{skipped[0]['image']}: {skipped[0]['reason']})" if skipped else "the table has no images")
@@ -181,14 +190,26 @@ def annotate_concepts(model, tokenizer, table: str, images_root: str | None = No
         pair = torch.stack([logits[:, :-1], logits[:, -1:].expand(-1, len(concepts))], -1)
         probability += pair.softmax(-1)[..., 0].cpu() / len(CONCEPT_TEMPLATES)
     truth = torch.tensor([[float(rows[i][c]) > 0.5 for c in concepts] for i in scored.tolist()])
+    return concepts_result(probability, truth, concepts, len(rows), scored, skipped)
+
+
+def concepts_result(probability: torch.Tensor, truth: torch.Tensor, concepts: list[str], rows: int,
+                    scored: torch.Tensor, skipped: list[dict]) -> TaskResult:
+    """AUROC per concept (`auroc/<concept>`) and their mean over the concepts
+    that have one (a column of one class only has none), from (M, C) scores and truth."""
     per_concept = {c: metrics.auroc(probability[:, j], truth[:, j]) for j, c in enumerate(concepts)}
     defined = [v for v in per_concept.values() if v == v]
-    result = TaskResult("concepts", len(rows), len(scored), skipped,
+    result = TaskResult("concepts", rows, len(scored), skipped,
                         {"mean_auroc": sum(defined) / len(defined) if defined else float("nan")},
                         {"auroc": per_concept, "concepts": concepts, "rows": scored,
                          "probability": probability, "truth": truth})
-    result.metrics.update({f"auroc/{c.replace(' ', '_')}": v for c, v in per_concept.items() if v == v})
+    result.metrics.update({f"auroc/{metric_name(c)}": v for c, v in per_concept.items() if v == v})
     return result
+
+
+def metric_name(name: str) -> str:
+    """A name fit for one level of an MLflow metric key (letters, digits, _ - .)."""
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
 
 
 def retrieve(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
@@ -197,8 +218,13 @@ def retrieve(model, tokenizer, table: str, images_root: str | None = None, image
     rows = table_rows(table, [image_column, caption_column])
     images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
     captions = encode_texts(model, tokenizer, [str(rows[i][caption_column]) for i in scored.tolist()])
-    similarity = images @ captions.T
-    result = TaskResult("retrieval", len(rows), len(scored), skipped)
+    return retrieval_result(images @ captions.T, len(rows), scored, skipped)
+
+
+def retrieval_result(similarity: torch.Tensor, rows: int, scored: torch.Tensor, skipped: list[dict]) -> TaskResult:
+    """Recall at 10, 50, 100 both ways and their mean, from the (M, M) similarity
+    of the scored images (rows) and their captions (columns); image i matches caption i."""
+    result = TaskResult("retrieval", rows, len(scored), skipped)
     match = torch.arange(len(scored))
     result.details.update(rows=scored, i2t_rank=metrics.rank_of(similarity, match),
                           t2i_rank=metrics.rank_of(similarity.T, match))

@@ -20,6 +20,7 @@ from ..config import Config
 from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
+from ..evaluate import paper
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray
@@ -51,11 +52,16 @@ def check(cfg: Config) -> Config:
                   tracking=replace(cfg.tracking, uri=tracking_uri(cfg.tracking.uri)),  # the driver's store, for all
                   evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
                                             ("classify_table", "classes", "concepts_table", "retrieval_table",
-                                             "images_root") if getattr(ev, k)}))
-    for key in ("classify_table", "classes", "concepts_table", "retrieval_table"):
+                                             "images_root", "suite_data", "concept_terms") if getattr(ev, k)}))
+    for key in ("classify_table", "classes", "concepts_table", "retrieval_table", "suite_data", "concept_terms"):
         path = getattr(cfg.evaluation, key)
         if path and not _exists(path):
             raise UserError(f"evaluation.{key}: {path} does not exist")
+    if cfg.evaluation.suite:
+        try:
+            paper.check_data(cfg.evaluation.suite_data)
+        except UserError as e:
+            raise UserError(f"evaluation.suite_data: {e}") from None
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     if not urls[0].startswith("pipe:") and not _exists(urls[0]):
         raise UserError(f"data.train_shards: {urls[0]} does not exist")

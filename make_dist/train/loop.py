@@ -21,6 +21,7 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..data.stream import Batch, make_loader
+from ..evaluate import paper
 from ..evaluate.report import log_results
 from ..evaluate.tasks import run_task
 from ..files import atomic_writer
@@ -160,8 +161,9 @@ def report(w: Worker, metrics: dict, save: bool) -> None:
 
 
 def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
-    """The zero-shot tasks on the held-out tables, logged to the run at this
-    step; returns their metrics as `eval/<task>/<metric>` (rank 0; {} elsewhere).
+    """The zero-shot tasks on the held-out tables, and the paper's suite if
+    configured, logged to the run at this step; returns their metrics as
+    `eval/<task>/<metric>` and `eval/paper/...` (rank 0; {} elsewhere).
 
     Rank 0 evaluates while the others wait; under ZeRO-3 every rank runs the
     same forward passes inside a parameter gather, and rank 0 logs.
@@ -169,17 +171,24 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
     ev = w.cfg.evaluation
     flat = {}
     if w.rank == 0 or w.cfg.zero3:
+        tok = tokenizer(w.cfg.model)
         with ds.full_parameters(w.model, w.cfg):
-            results = [run_task(task, w.model, tokenizer(w.cfg.model), table, ev.images_root, ev.classes)
+            results = [run_task(task, w.model, tok, table, ev.images_root, ev.classes)
                        for task, table in ev.tables().items()]
+            suite = (paper.run_suite(w.model, tok, ev.suite_data, ev.concept_terms, say=lambda _: None)
+                     if ev.suite else [])
         w.model.train()
         if w.rank == 0:
             summary = "  ".join(f"{r.task} " + " ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()
                                                        if "/" not in k and k != "chance_top1") for r in results)
-            say(f"step {step}: evaluation: {summary}")
-            if run is not None:
+            summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
+            say(f"step {step}: evaluation: {summary.strip()}")
+            if run is not None and results:
                 log_results(run, results, step)
+            if run is not None and suite:
+                paper.log_suite(run, suite, step, prefix="eval/paper")
             flat = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if "/" not in k}
+            flat.update(paper.flat_metrics(suite, "eval/paper"))
     distributed.barrier()
     return flat
 
@@ -208,7 +217,7 @@ def train_worker(plan: WorkerPlan) -> None:
         run.set_tags({f"system.{k}": v for k, v in device_facts(w).items()})
     step, nonfinite_run = w.start_step, 0
     if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
-        held_out = evaluate(w, step, run) if cfg.evaluation.tables() else {}
+        held_out = evaluate(w, step, run) if cfg.evaluation.enabled() else {}
         report(w, {"step": step, **held_out}, save=False)
         export_final(w, plan)
         return
@@ -244,7 +253,7 @@ def train_worker(plan: WorkerPlan) -> None:
                 "skipped_samples": float(distributed.sum_detached(torch.tensor(skipped, device=w.device))),
             })
         every = cfg.evaluation.every_steps
-        evaluated = bool(cfg.evaluation.tables()) and ((every and step % every == 0) or step == cfg.train.steps)
+        evaluated = cfg.evaluation.enabled() and bool((every and step % every == 0) or step == cfg.train.steps)
         held_out = evaluate(w, step, run) if evaluated else {}
         save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
         if save or evaluated:  # what Ray Train (and a sweep's scheduler) sees; held-out metrics of this step only
