@@ -77,8 +77,10 @@ def cmd_shards(args) -> int:
     """Turn a CSV or Parquet table of images and captions into WebDataset shards."""
     from .data.schema import load_column_map
     from .data.shards import write_shards
+    from .files import check_writable
 
     columns = load_column_map(args.columns)
+    check_writable(args.out, "--out")
     write_shards(args.table, args.out, columns, images_root=args.images_root, shard_size=args.shard_size,
                  image_max_side=args.image_max_side, k=args.subtexts, workers=args.workers)
     return 0

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import uuid
 from collections.abc import Iterator
 
 import fsspec
 from PIL import Image
+
+from .errors import UserError
 
 
 @contextlib.contextmanager
@@ -55,3 +59,61 @@ def open_image(data: bytes, fit: int | None = None) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise ValueError("empty image")
     return image
+
+
+# ---------------------------------------------------------------------------
+# Object storage: checks before any worker starts, and errors in the user's terms
+
+
+def storage_problem(e: BaseException) -> str:
+    """What a failed storage call means, in one line: the credentials, the
+    endpoint, a permission or a missing object (botocore's and s3fs's errors
+    are told apart by name, so no cloud SDK is imported here)."""
+    name = type(e).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return ("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
+                "environment of the driver and of every node")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        return (f"cannot reach the storage endpoint ({endpoint or 'the default AWS endpoint'}"
+                f"{', from AWS_ENDPOINT_URL' if endpoint else ''}): {e}")
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e}"
+    if isinstance(e, FileNotFoundError):
+        return f"not found: {e}"
+    return f"{name}: {e}"
+
+
+def exists(url: str, key: str) -> bool:
+    """Whether a file or folder is at `url`; a storage that cannot be asked is an error naming `key`."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.info(path)  # not fs.exists: object stores' exists() answers False for every error
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        raise UserError(f"{key} = {url}: {storage_problem(e)}") from None
+
+
+def check_writable(url: str, key: str) -> None:
+    """A folder or URL where a probe file can be written and removed. A bucket
+    must exist already: fsspec would create a misspelt one."""
+    fs, path = fsspec.core.url_to_fs(url)
+    bucket = path.split("/")[0]
+    try:
+        if "://" in url and not url.startswith(("file://", "memory://")):  # an object store: the bucket first
+            try:
+                fs.info(bucket)
+            except FileNotFoundError:
+                raise UserError(f"{key} = {url}: no bucket {bucket!r} there (create it first: make-dist does "
+                                f"not create buckets)") from None
+        probe = f"{path.rstrip('/')}/.make-dist-probe-{uuid.uuid4().hex}"
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except UserError:
+        raise
+    except Exception as e:  # a permission, a file in the way, no credentials: each its own type
+        raise UserError(f"{key} = {url}: cannot write there ({storage_problem(e)})") from None

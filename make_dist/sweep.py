@@ -49,7 +49,7 @@ from ray.tune import Callback
 from .config import apply_override, from_dict, load_config
 from .errors import ConfigError, UserError
 from .evaluate.tasks import REPORTED
-from .files import read_bytes, write_atomic
+from .files import check_writable, read_bytes, write_atomic
 from .progress import logs_to_file, say
 from .tracking import Run, open_run, recorded_run
 from .train.cluster import init_ray, ray_logs
@@ -188,6 +188,7 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     storage = absolute(sweep.storage)
     base_cfg = check(from_dict(base, "<sweep base>"))  # fails before Ray starts
     sweep_dir = f"{storage}/{sweep.name}"
+    check_writable(sweep_dir, "sweep.storage")
     _check_same_settings(sweep, base_cfg.to_dict(), sweep_dir)
     if quiet:
         local = sweep_dir if "://" not in sweep_dir else os.path.join(tempfile.gettempdir(), f"make-dist-{sweep.name}")

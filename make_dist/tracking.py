@@ -27,8 +27,16 @@ CURVES = ("loss/total", "loss/mkcl", "loss/i2t", "loss/t2i", "loss/slra", "lr", 
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """The store named, or the local one: mlflow.db in the working directory."""
-    return uri or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    """The store named, or the local one: mlflow.db in the working directory.
+    A relative SQLite or folder path is made absolute: Ray's workers run in
+    folders of their own, where it would name another store."""
+    if not uri:
+        return f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and not uri.endswith(":memory:"):
+        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return os.path.abspath(uri)
+    return uri
 
 
 class Run:

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import yaml
 
 from .errors import ConfigError
@@ -21,9 +22,12 @@ from .errors import ConfigError
 def read_yaml(path: str | Path, what: str, expect: type | tuple[type, ...] = dict) -> Any:
     """The YAML document of a file, of the expected type (an empty file is an empty mapping)."""
     try:
-        text = Path(path).read_text()
+        with fsspec.open(str(path), "rt") as f:  # a local path or any URL (a class list on s3://)
+            text = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except Exception as e:  # an object store's own errors: credentials, endpoint
+        raise ConfigError(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -130,33 +130,6 @@ def test_zero3_runs_the_same_text_passes_on_every_rank():
     assert load_config(None, ["train.zero_stage=3", "model.text_batching=full"]).text_batching() == "full"
 
 
-def test_evaluation_during_training_is_logged(tmp_path, shards, repo_root, ray_local):
-    """Held-out tables and the paper's suite (a small copy of the authors' layout)."""
-    from paper_layout import write_paper_data
-
-    from make_dist.train.launch import fit
-
-    synth = Path(shards).parent.parent / "synth"
-    suite_data = write_paper_data(tmp_path / "paper", sets=("PAD", "skincon"))
-    fit(tiny(tmp_path, shards, repo_root, **{
-        "train.steps": 4, "train.checkpoint_every": 4, "evaluation.every_steps": 2,
-        "evaluation.classify_table": synth / "eval/classify.csv", "evaluation.classes": synth / "classes.yaml",
-        "evaluation.retrieval_table": synth / "eval/retrieval.csv", "evaluation.images_root": synth,
-        "evaluation.suite": "paper", "evaluation.suite_data": suite_data}))
-    client, run, _ = run_history(tmp_path)
-    top1 = client.get_metric_history(run.info.run_id, "eval/classify/top1")
-    assert sorted(m.step for m in top1) == [2, 4]
-    scored = client.get_metric_history(run.info.run_id, "eval/retrieval/scored")
-    assert {m.value for m in scored} == {40.0}  # every held-out image, each time
-    plots = {a.path for a in client.list_artifacts(run.info.run_id, "eval/classify")}
-    assert "eval/classify/confusion_matrix.png" in plots
-    pad = client.get_metric_history(run.info.run_id, "eval/paper/PAD-UFES-20/scored")
-    assert sorted((m.step, m.value) for m in pad) == [(2, 9.0), (4, 9.0)]
-    assert "eval/paper/concepts_avg_auroc" in run.data.metrics
-    assert "eval/paper/SkinCon/concept_auroc.png" in {
-        a.path for a in client.list_artifacts(run.info.run_id, "eval/paper/SkinCon")}
-
-
 def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_root, ray_local, capfd):
     """A learning rate of 1e8 blows the weights up after the first step."""
     from make_dist.train.launch import fit
@@ -169,6 +142,19 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_ro
     assert "non-finite loss, step skipped (1 in a row, 1 in all)" in out
     _, run, history = run_history(tmp_path)
     assert run.info.status == "FAILED" and [m.step for m in history] == [1]
+
+
+def test_a_relative_store_path_means_the_drivers_folder(tmp_path, monkeypatch):
+    """Ray's workers run in folders of their own: `sqlite:///m.db` given to the
+    driver must name the driver's file there too (it once opened a second, empty store)."""
+    from make_dist.tracking import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri("sqlite:///m.db") == f"sqlite:///{tmp_path}/m.db"
+    assert tracking_uri("mlruns") == str(tmp_path / "mlruns")
+    for kept in ("sqlite:////srv/m.db", "http://127.0.0.1:5000", "databricks", "sqlite:///:memory:"):
+        assert tracking_uri(kept) == kept
+    assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import UserError
-from ..files import atomic_writer, open_image, read_bytes, write_atomic
+from ..files import atomic_writer, open_image, read_bytes, storage_problem, write_atomic
 from ..slots import DEFAULT_K
 from .schema import ColumnMap, RowError
 
@@ -239,6 +239,8 @@ def read_manifest(url: str) -> dict:
         raise UserError(f"shards manifest not found: {url}") from None
     except ValueError as e:
         raise UserError(f"{url}: not a valid manifest.json: {e}") from None
+    except Exception as e:  # storage that cannot be read: credentials, endpoint, permission
+        raise UserError(f"shards manifest {url}: {storage_problem(e)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise UserError(f"{url}: not a shards manifest (no list of shards)")
     return manifest

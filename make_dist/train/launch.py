@@ -11,16 +11,14 @@ import functools
 import os
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, replace
-
-import fsspec
 
 from ..config import Config
 from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate import paper
+from ..files import check_writable, exists
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray
@@ -55,7 +53,7 @@ def check(cfg: Config) -> Config:
                                              "images_root", "suite_data", "concept_terms") if getattr(ev, k)}))
     for key in ("classify_table", "classes", "concepts_table", "retrieval_table", "suite_data", "concept_terms"):
         path = getattr(cfg.evaluation, key)
-        if path and not _exists(path):
+        if path and not exists(path, f"evaluation.{key}"):
             raise UserError(f"evaluation.{key}: {path} does not exist")
     if cfg.evaluation.suite:
         try:
@@ -63,7 +61,7 @@ def check(cfg: Config) -> Config:
         except UserError as e:
             raise UserError(f"evaluation.suite_data: {e}") from None
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
-    if not urls[0].startswith("pipe:") and not _exists(urls[0]):
+    if not urls[0].startswith("pipe:") and not exists(urls[0], "data.train_shards"):
         raise UserError(f"data.train_shards: {urls[0]} does not exist")
     cfg = with_shards_manifest(cfg)
     check_tracking(cfg.tracking.uri)
@@ -91,24 +89,6 @@ def check_tracking(uri: str) -> None:
             raise UserError(f"tracking.uri = {uri}: cannot write in {folder} ({e.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise UserError(f"tracking.uri = {uri}: cannot write in {folder}")
-
-
-def check_writable(url: str, key: str) -> None:
-    """A folder or URL where a probe file can be written and removed."""
-    fs, path = fsspec.core.url_to_fs(url)
-    probe = f"{path.rstrip('/')}/.make-dist-probe-{uuid.uuid4().hex}"
-    try:
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"")
-        fs.rm(probe)
-    except Exception as e:  # a permission, a missing bucket, a file in the way: each its own type
-        raise UserError(f"{key} = {url}: cannot write there ({type(e).__name__}: {e})") from None
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
 
 
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,

@@ -1,0 +1,160 @@
+"""Object storage for real: a moto S3 server on 127.0.0.1, reached through the
+standard AWS settings (AWS_ENDPOINT_URL, keys, region), as a user's S3 or
+S3-compatible store is. Shards, training, checkpoints, resume, export and
+held-out evaluation all on s3://; bad settings refused before any worker starts."""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import fsspec
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port, run_command
+from make_dist.config import load_config
+from make_dist.errors import UserError
+
+pytestmark = pytest.mark.slow
+EXE = Path(sys.executable).parent / "make-dist"
+
+
+def _fresh_s3():
+    """s3fs keeps its filesystems by arguments, not by environment: forget them after a change."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return fsspec.filesystem("s3")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 server (moto) and the environment that points at it, for this
+    process, its Ray workers (started after) and the commands it runs."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "make-dist-test",
+           "AWS_SECRET_ACCESS_KEY": "make-dist-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.3)
+    _fresh_s3().mkdir("make")
+    yield env
+    server.terminate()
+    server.wait(timeout=30)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _fresh_s3()
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3):
+    """An embedded Ray started after the AWS settings: its workers inherit them."""
+    import ray
+
+    from make_dist.train.cluster import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def _config(tmp_path, repo_root, **extra):
+    values = {"data.train_shards": "s3://make/shards/manifest.json", "train.storage": "s3://make/runs",
+              "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.name": "on-s3", "data.num_workers": 0,
+              "train.checkpoint_every": 2, **extra}
+    return load_config(repo_root / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()])
+
+
+def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_root, tiny_shards, s3,
+                                                                 ray_with_s3, capfd):
+    """Everything a run touches in the bucket; the held-out tables and the
+    paper's suite (a small copy of the authors' layout) evaluated during
+    training, every 2 steps, logged to the run."""
+    from paper_layout import write_paper_data
+
+    from make_dist.train.launch import fit
+
+    synth = Path(tiny_shards).parent.parent / "synth"
+    shards = run_command([EXE, "shards", "--table", synth / "train.csv", "--images-root", synth,
+                          "--out", "s3://make/shards", "--columns", repo_root / "configs/columns/synthetic.yaml",
+                          "--shard-size", "16", "--workers", "1"], env={**os.environ, **s3})
+    assert shards.returncode == 0, shards.stdout[-3000:] + shards.stderr[-3000:]
+    fs = _fresh_s3()
+    assert "make/shards/manifest.json" in fs.find("make/shards")
+    for folder in ("eval", "images"):  # the held-out tables and their images
+        fs.put(str(synth / folder), f"make/synth/{folder}", recursive=True)
+    fs.put(str(synth / "classes.yaml"), "make/synth/classes.yaml")
+    fs.put(str(write_paper_data(tmp_path / "paper", sets=("PAD", "skincon"))), "make/paper/data", recursive=True)
+    evaluation = {"evaluation.every_steps": 2, "evaluation.images_root": "s3://make/synth",
+                  "evaluation.classify_table": "s3://make/synth/eval/classify.csv",
+                  "evaluation.classes": "s3://make/synth/classes.yaml",
+                  "evaluation.retrieval_table": "s3://make/synth/eval/retrieval.csv",
+                  "evaluation.suite": "paper", "evaluation.suite_data": "s3://make/paper/data"}
+
+    fit(_config(tmp_path, repo_root, **{"train.steps": 4, **evaluation}))
+    files = fs.find("make/runs/on-s3")
+    assert sum(f.endswith("/latest") for f in files) == 2  # the checkpoints of steps 2 and 4, in the bucket
+    assert "make/runs/on-s3/model/open_clip_config.json" in files  # the export
+    assert not any(".make-dist-probe" in f for f in files)
+
+    fit(_config(tmp_path, repo_root, **{"train.steps": 6, **evaluation}))  # the same run, longer: it resumes
+    assert "resumed from the checkpoint of step 4" in capfd.readouterr().out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("make-dist-tiny").experiment_id])
+    history = lambda key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
+    assert max(step for step, _ in history("loss/total")) == 6 and run.info.status == "FINISHED"
+    assert [step for step, _ in history("eval/classify/top1")] == [2, 4, 6]
+    assert history("eval/retrieval/scored") == [(2, 40.0), (4, 40.0), (6, 40.0)]  # every held-out image, each time
+    assert history("eval/paper/PAD-UFES-20/scored") == [(2, 9.0), (4, 9.0), (6, 9.0)]
+    assert "eval/paper/concepts_avg_auroc" in run.data.metrics
+    artifacts = lambda folder: {a.path for a in client.list_artifacts(run.info.run_id, folder)}  # noqa: E731
+    assert "eval/classify/confusion_matrix.png" in artifacts("eval/classify")
+    assert "eval/paper/SkinCon/concept_auroc.png" in artifacts("eval/paper/SkinCon")
+
+
+def test_bad_storage_settings_are_refused_before_any_worker(tmp_path, repo_root, tiny_shards, s3, monkeypatch):
+    from make_dist.train.launch import check
+
+    local = {"data.train_shards": tiny_shards}
+    with pytest.raises(UserError, match="train.storage = s3://no-such-bucket/runs: no bucket 'no-such-bucket'"):
+        check(_config(tmp_path, repo_root, **local, **{"train.storage": "s3://no-such-bucket/runs"}))
+    assert not _fresh_s3().exists("no-such-bucket")  # a misspelt bucket is not created
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    _fresh_s3()
+    start = time.time()
+    with pytest.raises(UserError, match=r"train.storage = s3://make/runs: cannot write there \(cannot reach the "
+                                        r"storage endpoint \(http://127.0.0.1:\d+, from AWS_ENDPOINT_URL\)"):
+        check(_config(tmp_path, repo_root, **local))
+    assert time.time() - start < 60
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _fresh_s3()
+    with pytest.raises(UserError, match="shards manifest s3://make/shards/manifest.json: no credentials: set "
+                                        "AWS_ACCESS_KEY_ID"):
+        check(_config(tmp_path, repo_root))
+    monkeypatch.undo()
+    _fresh_s3()
