@@ -90,7 +90,8 @@ def cmd_train(args) -> int:
     """Train with Ray Train + DeepSpeed, tracked in MLflow; resumes a run of the same name."""
     from .train.launch import fit
 
-    config = load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"tracking.register={args.register}"] if args.register else [])
+    config = load_config(args.config, overrides)
     result = fit(config)
     print(f"make-dist: trained; run folder {result.run_dir}, MLflow run {result.run.id} ({result.run.uri})")
     return 0
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (Ray Train + DeepSpeed + MLflow)", description=cmd_train.__doc__)
     _add_config_args(p)
+    p.add_argument("--register", metavar="NAME", help="register the trained model in MLflow's model registry "
+                   "under NAME (same as --set tracking.register=NAME)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the whole path on this machine: data, shards, training, evaluation",

@@ -168,9 +168,12 @@ class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; None: a local sqlite store
     experiment: str = "make-dist"
     run_name: str | None = None
+    log_model: bool = True  # the trained model as an MLflow (pyfunc) Logged Model; sweep trials never do
+    register: str | None = None  # and registered under this name in the model registry
 
     def validate(self) -> None:
         _require(bool(self.experiment), "experiment", "must not be empty")
+        _require(not self.register or self.log_model, "register", "needs tracking.log_model = true")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .config import Config, dump_config
 from .files import read_bytes, write_atomic
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's storage folder: a restarted run reopens its MLflow run
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI's experiment type tag
 CURVES = ("loss/total", "loss/mkcl", "loss/i2t", "loss/t2i", "loss/slra", "lr", "logit_scale", "samples_per_s")
 
 
@@ -160,6 +161,8 @@ def open_run(cfg: Config, run_dir: str, *, run_name: str | None = None, parent: 
     run.log_params(params if params is not None else cfg.flat())
     run.set_tags({f"system.{k}": v for k, v in _driver_facts(cfg).items()})
     run.log_text(dump_config(cfg), "config.yaml")
+    if isinstance(cfg.data.train_shards, str) and cfg.data.train_shards.endswith("manifest.json"):
+        log_shards_input(run, cfg.data.train_shards)
     write_atomic(f"{run_dir}/{RUN_ID_FILE}", run.id)
     return run
 
@@ -205,11 +208,28 @@ def _experiment_id(client, name: str) -> str:
     create one). With a sqlite store, artifacts go to mlartifacts/ beside it."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND not in found.tags:  # made by an older make-dist or by hand
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return found.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:///"):
         location = f"file://{os.path.dirname(client.tracking_uri[len('sqlite:///'):])}/mlartifacts"
-    return client.create_experiment(name, artifact_location=location)
+    # the UI shows it as model training (runs, metrics, models), not as a GenAI experiment (traces)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
+
+
+def log_shards_input(run: Run, manifest_url: str) -> None:
+    """The training shards' manifest as the run's dataset input (the UI's "Datasets used")."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = hashlib.sha256(read_bytes(manifest_url)).hexdigest()[:16]
+    dataset = MetaDataset(source=resolve_dataset_source(manifest_url), name="shards", digest=digest)
+    run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def _driver_facts(cfg: Config) -> dict[str, str]:

@@ -120,6 +120,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("model:\n  text_batching: packed\n", r"model\.text_batching = 'packed': must be one of"),
         ("model:\n  compile: true\ntrain:\n  zero_stage: 3\n", r"c\.yaml: model\.compile = true does not work with"),
         ("data:\n  context_length: 64\n", r"c\.yaml: unknown key data\.context_length"),  # the model's, not the data's
+        ("tracking:\n  register: derm\n  log_model: false\n", r"tracking\.register = 'derm': needs tracking\.log_model"),
         ("evaluation:\n  suite: table1\n", r"evaluation\.suite = 'table1': must be paper"),
         ("evaluation:\n  suite: paper\n", r"evaluation\.suite_data = None: must name the authors' data/ folder"),
     ],

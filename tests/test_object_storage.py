@@ -55,12 +55,44 @@ def s3(tmp_path_factory):
     yield env
     server.terminate()
     server.wait(timeout=30)
+    log.close()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
     _fresh_s3()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1: runs in SQLite, artifacts in the bucket
+    (--artifacts-destination; clients upload through the server). Started
+    here, waited for where it is first needed (it takes ~20 s to come up)."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/runs.db",
+         "--artifacts-destination", "s3://make/mlflow", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> str:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                return url
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    yield ready
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +115,9 @@ def _config(tmp_path, repo_root, **extra):
 
 
 def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_root, tiny_shards, s3,
-                                                                 ray_with_s3, capfd):
-    """Everything a run touches in the bucket; the held-out tables and the
+                                                                 mlflow_server, ray_with_s3, capfd):
+    """Everything a run touches in the bucket, tracked by an MLflow server
+    whose artifacts are in the bucket too; the held-out tables and the
     paper's suite (a small copy of the authors' layout) evaluated during
     training, every 2 steps, logged to the run."""
     from paper_layout import write_paper_data
@@ -102,31 +135,61 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
         fs.put(str(synth / folder), f"make/synth/{folder}", recursive=True)
     fs.put(str(synth / "classes.yaml"), "make/synth/classes.yaml")
     fs.put(str(write_paper_data(tmp_path / "paper", sets=("PAD", "skincon"))), "make/paper/data", recursive=True)
-    evaluation = {"evaluation.every_steps": 2, "evaluation.images_root": "s3://make/synth",
-                  "evaluation.classify_table": "s3://make/synth/eval/classify.csv",
-                  "evaluation.classes": "s3://make/synth/classes.yaml",
-                  "evaluation.retrieval_table": "s3://make/synth/eval/retrieval.csv",
-                  "evaluation.suite": "paper", "evaluation.suite_data": "s3://make/paper/data"}
+    settings = {"evaluation.every_steps": 2, "evaluation.images_root": "s3://make/synth",
+                "evaluation.classify_table": "s3://make/synth/eval/classify.csv",
+                "evaluation.classes": "s3://make/synth/classes.yaml",
+                "evaluation.retrieval_table": "s3://make/synth/eval/retrieval.csv",
+                "evaluation.suite": "paper", "evaluation.suite_data": "s3://make/paper/data"}
 
-    fit(_config(tmp_path, repo_root, **{"train.steps": 4, **evaluation}))
+    tracking = mlflow_server()
+    settings.update({"tracking.uri": tracking, "tracking.register": "derm-make"})
+    fit(_config(tmp_path, repo_root, **{"train.steps": 4, **settings}))
     files = fs.find("make/runs/on-s3")
     assert sum(f.endswith("/latest") for f in files) == 2  # the checkpoints of steps 2 and 4, in the bucket
     assert "make/runs/on-s3/model/open_clip_config.json" in files  # the export
     assert not any(".make-dist-probe" in f for f in files)
 
-    fit(_config(tmp_path, repo_root, **{"train.steps": 6, **evaluation}))  # the same run, longer: it resumes
+    fit(_config(tmp_path, repo_root, **{"train.steps": 6, **settings}))  # the same run, longer: it resumes
     assert "resumed from the checkpoint of step 4" in capfd.readouterr().out
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking)
     (run,) = client.search_runs([client.get_experiment_by_name("make-dist-tiny").experiment_id])
     history = lambda key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))  # noqa: E731
     assert max(step for step, _ in history("loss/total")) == 6 and run.info.status == "FINISHED"
-    assert [step for step, _ in history("eval/classify/top1")] == [2, 4, 6]
-    assert history("eval/retrieval/scored") == [(2, 40.0), (4, 40.0), (6, 40.0)]  # every held-out image, each time
-    assert history("eval/paper/PAD-UFES-20/scored") == [(2, 9.0), (4, 9.0), (6, 9.0)]
+    # (each fit's last values are logged once more, linked to its model: same step, same value)
+    assert sorted({step for step, _ in history("eval/classify/top1")}) == [2, 4, 6]
+    assert set(history("eval/retrieval/scored")) == {(2, 40.0), (4, 40.0), (6, 40.0)}  # every held-out image
+    assert set(history("eval/paper/PAD-UFES-20/scored")) == {(2, 9.0), (4, 9.0), (6, 9.0)}
     assert "eval/paper/concepts_avg_auroc" in run.data.metrics
     artifacts = lambda folder: {a.path for a in client.list_artifacts(run.info.run_id, folder)}  # noqa: E731
     assert "eval/classify/confusion_matrix.png" in artifacts("eval/classify")
     assert "eval/paper/SkinCon/concept_auroc.png" in artifacts("eval/paper/SkinCon")
+    stored = fs.find("make/mlflow")  # the artifacts, uploaded through the server into the bucket
+    assert any(f.endswith("/model/open_clip_config.json") for f in stored)
+    assert any(f.endswith("/eval/classify/confusion_matrix.png") for f in stored)
+    assert not list(Path.cwd().glob("mlruns")) and not list(Path.cwd().glob("mlartifacts"))
+
+    # the model: a pyfunc Logged Model of the run, registered (a version per fit), its metrics linked
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    versions = client.search_model_versions("name = 'derm-make'")
+    assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run.info.run_id}
+    model = client.get_logged_model(run.outputs.model_outputs[-1].model_id)
+    assert model.source_run_id == run.info.run_id and "eval/classify/top1" in {m.key for m in model.metrics}
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "shards" and "s3://make/shards/manifest.json" in dataset.dataset.source
+    # loaded in a fresh process, from the registry, with the package alone
+    image = (synth / "images").rglob("*.jpg").__next__().read_bytes()
+    script = ("import sys, mlflow, pandas as pd\n"
+              "model = mlflow.pyfunc.load_model('models:/derm-make/2')\n"
+              f"out = model.predict(pd.DataFrame({{'image': [{image!r}] * 2}}), "
+              "params={'classes': ['psoriasis', 'eczema', 'melanoma']})\n"
+              "print(list(out.columns), out.shape, round(float(out.sum(axis=1).min()), 4))\n"
+              "print(model.predict(pd.DataFrame({'image': [" + repr(image) + "]})).shape)\n")
+    loaded = run_command([sys.executable, "-c", script], env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
+                         cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "['psoriasis', 'eczema', 'melanoma'] (2, 3) 1.0" in loaded.stdout
+    assert "(1, 128)" in loaded.stdout  # no classes: the embedding (make-tiny: 128 wide)
 
 
 def test_bad_storage_settings_are_refused_before_any_worker(tmp_path, repo_root, tiny_shards, s3, monkeypatch):

@@ -20,6 +20,7 @@ from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists
 from ..progress import StepBar
+from ..serving import log_model
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray
 from .loop import WorkerPlan, train_worker
@@ -135,8 +136,15 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         run.finish("FAILED")
         raise
     log_curves(run, cfg.train.name)
+    metrics = dict(result.metrics or {})
+    if cfg.tracking.log_model and parent is None:  # a sweep's trials leave their exports in storage only
+        model_uri = log_model(run, f"{run_dir}/model", cfg.tracking.register,
+                              {k: v for k, v in metrics.items() if k.startswith("eval/")}, int(metrics.get("step", 0)))
+        if not quiet:
+            print(f"make-dist: model logged as {model_uri}"
+                  + (f", registered as {cfg.tracking.register}" if cfg.tracking.register else ""))
     run.finish("FINISHED")
-    return FitResult(run_dir, run, dict(result.metrics or {}))
+    return FitResult(run_dir, run, metrics)
 
 
 def _resources(cfg: Config) -> dict:
