@@ -17,6 +17,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 
 from .config import Config, dump_config
@@ -227,7 +228,10 @@ def log_shards_input(run: Run, manifest_url: str) -> None:
     from mlflow.entities import DatasetInput, InputTag
 
     digest = hashlib.sha256(read_bytes(manifest_url)).hexdigest()[:16]
-    dataset = MetaDataset(source=resolve_dataset_source(manifest_url), name="shards", digest=digest)
+    with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+        source = resolve_dataset_source(manifest_url)
+    dataset = MetaDataset(source=source, name="shards", digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
                                                 tags=[InputTag("mlflow.data.context", "training")])])
 

@@ -20,7 +20,6 @@ from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists
 from ..progress import StepBar
-from ..serving import log_model
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray
 from .loop import WorkerPlan, train_worker
@@ -138,6 +137,8 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
     log_curves(run, cfg.train.name)
     metrics = dict(result.metrics or {})
     if cfg.tracking.log_model and parent is None:  # a sweep's trials leave their exports in storage only
+        from ..serving import log_model  # mlflow.pyfunc takes seconds to import: only where a model is logged
+
         model_uri = log_model(run, f"{run_dir}/model", cfg.tracking.register,
                               {k: v for k, v in metrics.items() if k.startswith("eval/")}, int(metrics.get("step", 0)))
         if not quiet:
