@@ -59,6 +59,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_dashboard(address: str, head, timeout: float = 180) -> None:
+    """Until the Ray head started as process `head` answers at its dashboard address."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            return
+        except OSError as e:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start --head did not come up ({e})") from None
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A real local cluster: `ray start --head --block` on 127.0.0.1, with token
@@ -68,9 +87,6 @@ def ray_head():
     import signal
     import subprocess
     import sys
-    import time
-    import urllib.error
-    import urllib.request
 
     bin_dir = Path(sys.executable).parent
     dashboard = free_port()
@@ -84,17 +100,7 @@ def ray_head():
          "--num-cpus=2", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-            break
-        except OSError as e:
-            if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray start --head did not come up ({e})") from None
-            time.sleep(1)
+    wait_for_dashboard(address, head)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:

@@ -66,7 +66,7 @@ def write_paper_data(root: Path, sets=("PAD", "F17K", "SNU", "skincon", "derm7pt
         _csv(data / f"{name}/meta.csv", ["ImageID"] + [c.replace(" ", "_") for c in listed], rows)
     if "skin_cap" in sets:  # 12 rows of one image and one caption: every similarity ties
         _image(data / "skin_cap/images/same.png", 400)
-        rows = [[f"data/skin_cap/images/same.png", "a red scaly plaque on the elbow", "红色斑块", i]
+        rows = [["data/skin_cap/images/same.png", "a red scaly plaque on the elbow", "红色斑块", i]
                 for i in range(12)]
         _csv(data / "skin_cap/skin_cap_meta.csv", ["filename", "caption_zh_polish_en", "caption_zh", "id"], rows)
     return data

@@ -3,7 +3,9 @@ standard AWS settings (AWS_ENDPOINT_URL, keys, region), as a user's S3 or
 S3-compatible store is. Shards, training, checkpoints, resume, export and
 held-out evaluation all on s3://; bad settings refused before any worker starts."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import fsspec
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, run_command
+from conftest import free_port, run_command, wait_for_dashboard
 from make_dist.config import load_config
 from make_dist.errors import UserError
 
@@ -107,6 +109,18 @@ def ray_with_s3(s3):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def s3_shards(s3, tiny_shards, repo_root):
+    """The training tests' synthetic set, sharded into the bucket by the command a user runs."""
+    synth = Path(tiny_shards).parent.parent / "synth"
+    shards = run_command([EXE, "shards", "--table", synth / "train.csv", "--images-root", synth,
+                          "--out", "s3://make/shards", "--columns", repo_root / "configs/columns/synthetic.yaml",
+                          "--shard-size", "16", "--workers", "1"], env={**os.environ, **s3})
+    assert shards.returncode == 0, shards.stdout[-3000:] + shards.stderr[-3000:]
+    assert "make/shards/manifest.json" in _fresh_s3().find("make/shards")
+    return "s3://make/shards/manifest.json"
+
+
 def _config(tmp_path, repo_root, **extra):
     values = {"data.train_shards": "s3://make/shards/manifest.json", "train.storage": "s3://make/runs",
               "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.name": "on-s3", "data.num_workers": 0,
@@ -114,7 +128,7 @@ def _config(tmp_path, repo_root, **extra):
     return load_config(repo_root / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()])
 
 
-def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_root, tiny_shards, s3,
+def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_root, tiny_shards, s3, s3_shards,
                                                                  mlflow_server, ray_with_s3, capfd):
     """Everything a run touches in the bucket, tracked by an MLflow server
     whose artifacts are in the bucket too; the held-out tables and the
@@ -125,12 +139,7 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
     from make_dist.train.launch import fit
 
     synth = Path(tiny_shards).parent.parent / "synth"
-    shards = run_command([EXE, "shards", "--table", synth / "train.csv", "--images-root", synth,
-                          "--out", "s3://make/shards", "--columns", repo_root / "configs/columns/synthetic.yaml",
-                          "--shard-size", "16", "--workers", "1"], env={**os.environ, **s3})
-    assert shards.returncode == 0, shards.stdout[-3000:] + shards.stderr[-3000:]
     fs = _fresh_s3()
-    assert "make/shards/manifest.json" in fs.find("make/shards")
     for folder in ("eval", "images"):  # the held-out tables and their images
         fs.put(str(synth / folder), f"make/synth/{folder}", recursive=True)
     fs.put(str(synth / "classes.yaml"), "make/synth/classes.yaml")
@@ -221,3 +230,72 @@ def test_bad_storage_settings_are_refused_before_any_worker(tmp_path, repo_root,
         check(_config(tmp_path, repo_root))
     monkeypatch.undo()
     _fresh_s3()
+
+
+def _ray_node(env: dict, *args: str) -> subprocess.Popen:
+    """One node of a local cluster (`ray start --block`), 1 CPU, its own temp
+    folder: two nodes on one machine would otherwise share one, and one node's
+    clean-up would delete the other's job files."""
+    return subprocess.Popen([Path(sys.executable).parent / "ray", "start", "--block", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=1", "--disable-usage-stats", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, repo_root, s3, s3_shards):
+    """Two Ray nodes (a head and a worker node, `ray start`, 1 CPU each, so
+    one training worker on each), storage on s3:// only, the job submitted
+    with `ray job submit`. The worker node is killed mid-run and a new one
+    joins, as an autoscaler would bring: the run resumes from its last
+    checkpoint in the bucket and reaches its planned step count."""
+    import secrets
+    import signal
+
+    port, dashboard = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    folders = [f"/tmp/mdn{port}-{i}" for i in range(3)]  # short: Ray's socket paths have a length limit
+    nodes = [_ray_node(env, "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                       f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={folders[0]}")]
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_dashboard(address, nodes[0])
+        nodes.append(_ray_node(env, f"--address=127.0.0.1:{port}", f"--temp-dir={folders[1]}"))
+        log = tmp_path / "job.log"
+        with open(log, "w") as out:
+            job = subprocess.Popen(
+                [Path(sys.executable).parent / "ray", "job", "submit", "--address", address, "--working-dir",
+                 repo_root, "--", "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml",
+                 "--set", f"data.train_shards={s3_shards}", "--set", "train.storage=s3://make/nodes",
+                 "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.name=two-nodes",
+                 "--set", "train.steps=16", "--set", "train.checkpoint_every=2", "--set", "train.max_failures=2",
+                 "--set", "data.num_workers=0", "--set", "tracking.log_model=false"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+        fs = _fresh_s3()
+        snapshot = "make/nodes/two-nodes/checkpoint_manager_snapshot.json"
+        deadline = time.time() + 300
+        while True:  # a checkpoint Ray Train committed (every rank's part in the bucket), not one mid-upload
+            fs.invalidate_cache()
+            try:
+                committed = json.loads(fs.cat(snapshot))["latest_checkpoint_result"]["metrics"]["step"]
+                break
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                assert time.time() < deadline and job.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+        os.killpg(nodes[1].pid, signal.SIGKILL)  # the worker node and its training worker, at once
+        nodes[1].wait()
+        nodes.append(_ray_node(env, f"--address=127.0.0.1:{port}", f"--temp-dir={folders[2]}"))
+        assert job.wait(timeout=480) == 0, log.read_text()[-5000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    text = log.read_text()
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "resumed from the checkpoint of step" in line]
+    assert resumed and resumed[0] >= committed, text[-5000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("make-dist-tiny").experiment_id])
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss/total")) == 16
+    assert run.info.status == "FINISHED"
