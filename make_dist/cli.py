@@ -162,7 +162,7 @@ def cmd_eval(args) -> int:
         if not args.run_id:
             run.finish()
         print(f"MLflow run {run.id}")
-    failed = [r.benchmark.name for r in results if args.suite and r.status == "error"]
+    failed = [r.benchmark.name for r in results if r.status == "error"] if args.suite else []
     if failed:
         print(f"make-dist: stopped by an error: {', '.join(failed)} (see above)", file=sys.stderr)
         return 1

@@ -196,6 +196,12 @@ def test_meta_columns_that_do_not_line_up_with_the_concept_list(model, tok, data
                              paper.load_concept_terms(paper.default_concept_terms()), "terms.json")
     with pytest.raises(paper.UserError, match="none of the paper's sets is there"):
         paper.run_suite(model, tok, str(tmp_path))
+    pad = (bad / "PAD/MAKE_PAD.csv").read_text().splitlines()
+    for value in ("inf", "1.5", "melanoma"):  # not a class index, each named
+        pad[1] = f"data/PAD/images/PAT_0_1_0.png,{value},x"
+        (bad / "PAD/MAKE_PAD.csv").write_text("\n".join(pad) + "\n")
+        with pytest.raises(paper.UserError, match=f"row 0 \\(line 2\\): label '{value}' is not a class index"):
+            paper.score_classification(model, tok, str(bad), paper.BENCHMARKS[0])
 
 
 # ---------------------------------------------------------------------------

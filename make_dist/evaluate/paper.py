@@ -35,8 +35,8 @@ from ..data.shards import table_rows
 from ..errors import UserError
 from . import metrics
 from .report import plots
-from .tasks import (RECALL_KS, TaskResult, concepts_result, encode_images, encode_texts, metric_name,
-                    retrieval_result)
+from .tasks import (RECALL_KS, TaskResult, classification_result, concepts_result, encode_images, encode_texts,
+                    metric_name, retrieval_result)
 
 SUITES = ("paper",)
 
@@ -259,7 +259,7 @@ def score_classification(model, tokenizer, data_dir: str, benchmark: Benchmark, 
             label = int(float(value))
             if label != float(value):
                 raise ValueError
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or inf
             label = None
         if label is None or not 0 <= label < len(names):
             raise UserError(f"{table}: row {i} (line {i + 2}): label {value!r} is not a class index 0..{len(names) - 1} "
@@ -270,12 +270,7 @@ def score_classification(model, tokenizer, data_dir: str, benchmark: Benchmark, 
     classes = class_embeddings(lambda texts: encode_texts(model, tokenizer, texts), names)
     cosines = images @ classes.T
     truth = torch.tensor(labels)[scored]
-    result = TaskResult("classify", len(rows), len(scored), skipped, {
-        "top1": metrics.topk_accuracy(cosines, truth, 1),
-        "top5": metrics.topk_accuracy(cosines, truth, 5),
-        "chance_top1": 1 / len(names),
-    }, {"classes": names, "confusion": metrics.confusion_matrix(cosines.argmax(1), truth, len(names)),
-        "rows": scored, "true_rank": metrics.rank_of(cosines, truth)})
+    result = classification_result(cosines, truth, names, len(rows), scored, skipped)
     if benchmark.name == "PAD-UFES-20":  # the paper's PAD mode: macro one-vs-rest AUROC on the probabilities
         result.metrics["macro_auroc"] = metrics.macro_auroc((CLASSIFY_SCALE * cosines.double()).softmax(1), truth)
     return result

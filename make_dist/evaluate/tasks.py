@@ -157,18 +157,24 @@ def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images
                                                               for n in [name, *classes[name]]]) for name in names])
     scores = images @ prototypes.T  # cosines: the ranking of classes
     labels = torch.tensor([names.index(str(rows[i][label_column])) for i in scored.tolist()])
-    predicted = scores.argmax(1)
-    result = TaskResult("classify", len(rows), len(scored), skipped, {
-        "top1": metrics.topk_accuracy(scores, labels, 1),
-        "top5": metrics.topk_accuracy(scores, labels, 5),
-        "chance_top1": 1 / len(names),
-    }, {"classes": names, "confusion": metrics.confusion_matrix(predicted, labels, len(names)),
-        "rows": scored, "true_rank": metrics.rank_of(scores, labels)})
+    result = classification_result(scores, labels, names, len(rows), scored, skipped)
     if len(names) <= 50:  # one-vs-rest AUROC means little over hundreds of classes
         # class probabilities at the model's learned temperature, as concept annotation
         probabilities = (model.scale().float().detach().cpu() * scores.cpu()).softmax(1)
         result.metrics["macro_auroc"] = metrics.macro_auroc(probabilities, labels)
     return result
+
+
+def classification_result(scores: torch.Tensor, labels: torch.Tensor, names: list[str], rows: int,
+                          scored: torch.Tensor, skipped: list[dict]) -> TaskResult:
+    """Top-1, top-5 (ties against the model) and chance, the confusion matrix
+    and each image's true-class rank, from (M, C) class scores of the scored images."""
+    return TaskResult("classify", rows, len(scored), skipped, {
+        "top1": metrics.topk_accuracy(scores, labels, 1),
+        "top5": metrics.topk_accuracy(scores, labels, 5),
+        "chance_top1": 1 / len(names),
+    }, {"classes": names, "confusion": metrics.confusion_matrix(scores.argmax(1), labels, len(names)),
+        "rows": scored, "true_rank": metrics.rank_of(scores, labels)})
 
 
 def annotate_concepts(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
