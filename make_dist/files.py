@@ -77,6 +77,9 @@ def storage_problem(e: BaseException) -> str:
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         return (f"cannot reach the storage endpoint ({endpoint or 'the default AWS endpoint'}"
                 f"{', from AWS_ENDPOINT_URL' if endpoint else ''}): {e}")
+    if isinstance(e, PermissionError) and type(e.__cause__).__name__ == "ClientError":  # the object store said no
+        return (f"permission denied ({e}): the credentials in use may not do this here; check the policy of "
+                f"the user behind AWS_ACCESS_KEY_ID or AWS_PROFILE, or the bucket's")
     if isinstance(e, PermissionError):
         return f"permission denied: {e}"
     if isinstance(e, FileNotFoundError):

@@ -185,10 +185,12 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    storage = absolute(sweep.storage)
-    base_cfg = check(from_dict(base, "<sweep base>"))  # fails before Ray starts
-    sweep_dir = f"{storage}/{sweep.name}"
+    sweep_dir = f"{absolute(sweep.storage)}/{sweep.name}"
     check_writable(sweep_dir, "sweep.storage")
+    base_cfg = from_dict(base, "<sweep base>")
+    # fails before Ray starts; the trials' storage is the sweep's, not the base's train.storage
+    base_cfg = check(dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train,
+                                                                              storage=f"{sweep_dir}/trials")))
     _check_same_settings(sweep, base_cfg.to_dict(), sweep_dir)
     if quiet:
         local = sweep_dir if "://" not in sweep_dir else os.path.join(tempfile.gettempdir(), f"make-dist-{sweep.name}")

@@ -58,12 +58,14 @@ def sweep_runs(db, name):
 
 
 def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
-    """configs/sweep_ablation.yaml as shipped, 200 steps of batch 4, one seed
-    and two trials at a time: its first checkpoint (step 100) comes before its first evaluation
-    (step 200), which once killed the sweep."""
+    """configs/sweep_ablation.yaml as shipped, one seed and two trials at a
+    time, its cadences scaled down 10x (20 steps of batch 4, checkpoints every 10,
+    an evaluation at 20): a checkpoint comes before the first evaluation, which
+    once killed the sweep."""
     db = tmp_path / "mlflow.db"
     out = run_command([BIN / "make-dist", "sweep", "--config", repo_root / "configs/sweep_ablation.yaml",
-                       *tiny(tiny_shards, db, tmp_path / "runs"), "--set", "train.steps=200",
+                       *tiny(tiny_shards, db, tmp_path / "runs"), "--set", "train.steps=20",
+                       "--set", "train.checkpoint_every=10", "--set", "evaluation.every_steps=20",
                        "--set", "sweep.seeds=1", "--set", "sweep.max_concurrent=2"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "6 trials (0 failed, 0 stopped early); best eval/classify/top1" in out.stdout
@@ -73,7 +75,7 @@ def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
     assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)
     assert sorted(t.data.tags["make_dist.objective"] for t in trials) == ["clip", "clip-knowledge"] + ["make"] * 4
     for t in trials:  # the held-out metric at the step that evaluated it, and only there
-        assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [200]
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")] == [20]
     note = parent.data.tags["mlflow.note.content"]  # the comparison at a glance, on the parent's page
     assert "| CLIP + knowledge | 1 |" in note and "Best: trial" in note
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {

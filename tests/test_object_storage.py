@@ -229,7 +229,31 @@ def test_bad_storage_settings_are_refused_before_any_worker(tmp_path, repo_root,
                                         "AWS_ACCESS_KEY_ID"):
         check(_config(tmp_path, repo_root))
     monkeypatch.undo()
+
+    # keys that may read the bucket but not write it: the server enforces IAM for this part
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3["AWS_ENDPOINT_URL"])
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+    keys = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys["SecretAccessKey"])
     _fresh_s3()
+    enforce = lambda count: urllib.request.urlopen(  # noqa: E731  (moto: requests allowed before IAM applies)
+        urllib.request.Request(f"{s3['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=count, method="POST",
+                               headers={"Content-Type": "text/plain"}))
+    enforce(b"0")
+    try:
+        with pytest.raises(UserError, match=r"train.storage = s3://make/runs: cannot write there \(permission "
+                                            r"denied \(Forbidden\): the credentials in use may not"):
+            check(_config(tmp_path, repo_root, **local))
+    finally:
+        enforce(b"inf")
+        monkeypatch.undo()
+        _fresh_s3()
 
 
 def _ray_node(env: dict, *args: str) -> subprocess.Popen:
@@ -299,3 +323,55 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
     (run,) = client.search_runs([client.get_experiment_by_name("make-dist-tiny").experiment_id])
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss/total")) == 16
     assert run.info.status == "FINISHED"
+
+
+def test_a_sweep_on_s3_tracked_by_the_server_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards, s3,
+                                                                           s3_shards, mlflow_server):
+    """A real `make-dist sweep` with its storage in the bucket (Tune's state,
+    the trials' checkpoints) and its runs on the MLflow server: killed (its
+    whole process group) once a trial has finished, run again, it resumes from
+    the bucket and the parent run completes."""
+    import signal
+
+    synth = Path(tiny_shards).parent.parent / "synth"
+    tracking = mlflow_server()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({  # YAML's superset: JSON
+        "base": str(repo_root / "configs/tiny.yaml"), "name": "resumable", "storage": "s3://make/sweeps",
+        "scheduler": "fifo", "metric": "eval/classify/top1", "mode": "max",
+        "space": {"optim.lr": {"grid": [1e-4, 5e-4]}},
+        "set": [f"data.train_shards={s3_shards}", "model.name=make-micro", "train.steps=2", "train.checkpoint_every=2",
+                "train.workers=1", "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
+                f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
+                f"tracking.uri={tracking}"]}))
+    cmd = [str(EXE), "sweep", "--config", str(sweep)]
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    client = MlflowClient(tracking)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="attributes.status = 'FINISHED'")
+        if runs:  # one trial's training run is complete
+            break
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert first.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
+
+    again = run_command(cmd, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from s3://make/sweeps/resumable/tune" in again.stdout
+    assert "2 trials (0 failed, 0 stopped early)" in again.stdout
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.info.run_name == "sweep resumable"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and "best/eval/classify/top1" in parent.data.metrics
+    assert sorted({float(t.data.params["optim.lr"]) for t in trials if t.info.status == "FINISHED"}) == [1e-4, 5e-4]
+    fs = _fresh_s3()
+    stored = fs.find("make/sweeps/resumable")
+    assert any("/tune/" in f for f in stored)  # Tune's experiment state
+    assert sum(f.startswith("make/sweeps/resumable/trials/trial-") and f.endswith("/latest") for f in stored) >= 2
+    assert parent.data.tags["make_dist.best_model"].startswith("s3://make/sweeps/resumable/trials/trial-")
+    assert any(f.endswith("/sweep/summary.json") for f in fs.find("make/mlflow"))  # through the server
+    assert not list(tmp_path.glob("mlruns")) and not list(tmp_path.glob("runs"))

@@ -1,4 +1,5 @@
-"""Sweep files: parsing, search spaces, trial configs (the real sweep runs in test_jobs.py)."""
+"""Sweep files: parsing, search spaces, trial configs (the real sweeps run in test_jobs.py; a sweep
+on object storage, killed and resumed, in test_object_storage.py)."""
 
 import pytest
 import yaml
@@ -106,50 +107,3 @@ def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):
 def test_bad_sweeps_name_the_key(tmp_path, repo_root, change, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(write(tmp_path, repo_root, **change))
-
-
-@pytest.mark.slow
-def test_sweep_resumes_after_its_driver_dies(tmp_path, repo_root, tiny_shards):
-    """Kill a real `make-dist sweep` (its whole process group) once a trial has
-    finished, run it again: it resumes, and the MLflow parent run completes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from conftest import run_command
-    from mlflow.tracking import MlflowClient
-
-    synth = Path(tiny_shards).parent.parent / "synth"
-    db = tmp_path / "mlflow.db"
-    sweep = write(tmp_path, repo_root, name="resumable", storage=str(tmp_path / "runs"), scheduler="fifo",
-                  metric="eval/classify/top1", mode="max", **{"set": [
-                      f"data.train_shards={tiny_shards}", "model.name=make-micro", "train.steps=2", "train.checkpoint_every=2",
-                      "train.workers=1", "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
-                      f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
-                      f"tracking.uri=sqlite:///{db}"]})
-    cmd = [str(Path(sys.executable).parent / "make-dist"), "sweep", "--config", str(sweep)]
-    log = open(tmp_path / "first.log", "wb")
-    first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = MlflowClient(f"sqlite:///{db}")
-    deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="attributes.status = 'FINISHED'") if db.exists() else []
-        if runs:  # one trial's training run is complete
-            break
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert first.returncode != 0
-
-    again = run_command(cmd, timeout=300)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "2 trials (0 failed, 0 stopped early)" in again.stdout
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    (parent,) = [r for r in runs if r.info.run_name == "sweep resumable"]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and "best/eval/classify/top1" in parent.data.metrics
-    assert sorted({float(t.data.params["optim.lr"]) for t in trials if t.info.status == "FINISHED"}) == [1e-4, 5e-4]

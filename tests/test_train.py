@@ -300,3 +300,29 @@ def test_stopped_run_resumes_when_restarted(tmp_path, shards, repo_root):
     client, run, history = run_history(tmp_path)
     assert run.info.run_id == first_run.info.run_id  # the same MLflow run continues
     assert history[-1].step == 40 and run.info.status == "FINISHED"
+
+
+def test_a_rank_restoring_late_does_not_rewrite_the_checkpoint_another_rank_reads(tmp_path):
+    """Resuming from object storage: every rank gets its own copy. (Ray's shared
+    download folder was rewritten under a reading rank: ray-project/ray#48726.)"""
+    import pyarrow.fs
+    import ray.train
+
+    from make_dist.train.loop import restored
+
+    (tmp_path / "bucket/checkpoint").mkdir(parents=True)
+    (tmp_path / "bucket/checkpoint/state.pt").write_bytes(b"weights" * 1000)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())  # not local to Ray
+    checkpoint = ray.train.Checkpoint("checkpoint", filesystem=remote)
+    with restored(checkpoint) as first:
+        before = os.stat(Path(first) / "state.pt")
+        with restored(checkpoint) as second:  # a rank that starts while the first still reads
+            assert second != first
+            assert (Path(second) / "state.pt").read_bytes() == b"weights" * 1000
+        after = os.stat(Path(first) / "state.pt")
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert (Path(first) / "state.pt").read_bytes() == b"weights" * 1000
+    assert not Path(first).exists() and not Path(second).exists()
+    local = ray.train.Checkpoint.from_directory(str(tmp_path / "bucket/checkpoint"))
+    with restored(local) as directory:  # read in place, not copied
+        assert directory == str(tmp_path / "bucket/checkpoint")

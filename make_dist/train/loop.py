@@ -9,6 +9,7 @@ finished writing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -76,12 +77,31 @@ def setup(cfg: Config) -> Worker:
     start, nonfinite = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with restored(checkpoint) as directory:
             state = ds.load_checkpoint(engine, directory)
         start, nonfinite = state["step"], state.get("nonfinite", 0)
         if rank == 0:
             say(f"make-dist: resumed from the checkpoint of step {start}")
     return Worker(cfg, rank, world, device, engine, model, MakeLoss.from_config(cfg.loss), start, nonfinite)
+
+
+@contextlib.contextmanager
+def restored(checkpoint) -> Iterator[str]:
+    """A local folder holding `checkpoint`, private to this process.
+
+    Not `Checkpoint.as_directory()`: its download folder is shared by the
+    node's workers, and a worker that starts late downloads again over files
+    another is still reading (ray-project/ray#48726; seen as a torch.load
+    "file read failed" when resuming from s3://). A checkpoint on the local
+    file system is read in place.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="make-dist-restore-") as directory:
+        yield checkpoint.to_directory(directory)
 
 
 def batches(w: Worker) -> Iterator[Batch]:
