@@ -1,5 +1,6 @@
 """The cluster path: `ray start --head` on 127.0.0.1, then `ray job submit` of
-jobs/pretrain.py, as a user runs it."""
+jobs/sweep.py, as a user runs it, and the shipped sweeps. (`ray job submit` of
+jobs/pretrain.py runs on two nodes in test_object_storage.py.)"""
 
 import sys
 from pathlib import Path
@@ -12,28 +13,6 @@ from conftest import run_command
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def test_job_submit_trains_and_tracks(tmp_path, repo_root, tiny_shards, ray_head):
-    address, env = ray_head
-    db = tmp_path / "mlflow.db"
-    job = run_command(
-        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
-         "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml",
-         "--set", f"data.train_shards={tiny_shards}", "--set", f"train.storage={tmp_path}/runs",
-         "--set", f"tracking.uri=sqlite:///{db}", "--set", "train.steps=3", "--set", "train.checkpoint_every=3",
-         "--set", "data.num_workers=0"],
-        env=env)
-    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
-    assert "succeeded" in job.stdout + job.stderr
-    client = MlflowClient(f"sqlite:///{db}")
-    (experiment,) = [e for e in client.search_experiments() if e.name == "make-dist-tiny"]
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
-    assert {"loss/total", "loss/mkcl", "loss/slra", "lr", "samples_per_s"} <= set(run.data.metrics)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1, 2, 3]
-    model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/open_clip_pytorch_model.bin" in model
 
 
 def tiny(tiny_shards, db, storage) -> list[str]:

@@ -270,7 +270,8 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
     one training worker on each), storage on s3:// only, the job submitted
     with `ray job submit`. The worker node is killed mid-run and a new one
     joins, as an autoscaler would bring: the run resumes from its last
-    checkpoint in the bucket and reaches its planned step count."""
+    checkpoint in the bucket and reaches its planned step count, every step
+    and the exported model in its MLflow run."""
     import secrets
     import signal
 
@@ -319,9 +320,13 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
     text = log.read_text()
     resumed = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "resumed from the checkpoint of step" in line]
     assert resumed and resumed[0] >= committed, text[-5000:]
+    assert "succeeded" in text
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("make-dist-tiny").experiment_id])
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss/total")) == 16
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss/total")}
+    assert max(steps) == 16 and set(range(resumed[0] + 1, 17)) <= steps  # every step after the resume
+    assert {"loss/total", "loss/mkcl", "loss/slra", "lr", "samples_per_s"} <= set(run.data.metrics)
+    assert "model/open_clip_pytorch_model.bin" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert run.info.status == "FINISHED"
 
 
@@ -343,27 +348,26 @@ def test_a_sweep_on_s3_tracked_by_the_server_resumes_after_its_driver_dies(tmp_p
         "set": [f"data.train_shards={s3_shards}", "model.name=make-micro", "train.steps=2", "train.checkpoint_every=2",
                 "train.workers=1", "data.num_workers=0", f"evaluation.classify_table={synth}/eval/classify.csv",
                 f"evaluation.classes={synth}/classes.yaml", f"evaluation.images_root={synth}",
-                f"tracking.uri={tracking}"]}))
+                f"tracking.uri={tracking}", "tracking.experiment=sweep-on-s3"]}))  # the server's other runs apart
     cmd = [str(EXE), "sweep", "--config", str(sweep)]
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     client = MlflowClient(tracking)
-    deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="attributes.status = 'FINISHED'")
-        if runs:  # one trial's training run is complete
-            break
+    deadline, finished = time.time() + 240, []
+    while time.time() < deadline and first.poll() is None and not finished:  # until one trial's run is complete
+        experiment = client.get_experiment_by_name("sweep-on-s3")
+        finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'"
+                                      ) if experiment else []
         time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert first.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert finished and first.returncode != 0, (tmp_path / "first.log").read_text()[-3000:]
 
     again = run_command(cmd, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming from s3://make/sweeps/resumable/tune" in again.stdout
     assert "2 trials (0 failed, 0 stopped early)" in again.stdout
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = client.search_runs([client.get_experiment_by_name("sweep-on-s3").experiment_id])
     (parent,) = [r for r in runs if r.info.run_name == "sweep resumable"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and "best/eval/classify/top1" in parent.data.metrics
