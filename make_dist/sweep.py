@@ -188,9 +188,9 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     sweep_dir = f"{absolute(sweep.storage)}/{sweep.name}"
     check_writable(sweep_dir, "sweep.storage")
     base_cfg = from_dict(base, "<sweep base>")
-    # fails before Ray starts; the trials' storage is the sweep's, not the base's train.storage
-    base_cfg = check(dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train,
-                                                                              storage=f"{sweep_dir}/trials")))
+    # The trials train under the sweep's folder, not the base's train.storage; checked before Ray starts.
+    trial_train = dataclasses.replace(base_cfg.train, storage=f"{sweep_dir}/trials")
+    base_cfg = check(dataclasses.replace(base_cfg, train=trial_train))
     _check_same_settings(sweep, base_cfg.to_dict(), sweep_dir)
     if quiet:
         local = sweep_dir if "://" not in sweep_dir else os.path.join(tempfile.gettempdir(), f"make-dist-{sweep.name}")
@@ -204,7 +204,7 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     # existence was checked in load_sweep. ASHA skips reports without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base_cfg.to_dict(), storage=sweep_dir, parent=parent),
+        tune.with_parameters(_trial, base=base_cfg.to_dict(), parent=parent),
         {"CPU": 0, "memory": 2**20})  # the trial only drives: no CPU, so its Train workers get them all
     path = f"{sweep_dir}/tune"
     progress = TrialLines(sweep.metric, trial_count(sweep))
@@ -234,7 +234,7 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
         parent.finish("KILLED")
         raise UserError(f"sweep {sweep.name} was interrupted after {saved.num_terminated} of {len(saved)} "
                         f"trials; run the same command again to resume it")
-    trials = _trial_rows(grid, sweep, base_cfg, parent.uri, sweep_dir)
+    trials = _trial_rows(grid, sweep, base_cfg, parent.uri)
     summary = summarize(trials, sweep)
     log_summary(parent, summary, sweep)
     parent.finish("FAILED" if summary["errors"] else "FINISHED")
@@ -271,14 +271,15 @@ class TrialLines(Callback):
         say(f"{self._name(trial)} failed: its error is in {trial.path or 'the Tune folder'}")
 
 
-def _trial(params: dict, base: dict, storage: str, parent: Run) -> None:
-    """One trial: a whole training run, named after the trial, nested in MLflow."""
+def _trial(params: dict, base: dict, parent: Run) -> None:
+    """One trial: a whole training run, named after the trial (in the base's
+    train.storage, the sweep's trials/ folder), nested in MLflow."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, f"<trial {trial_id}>")
-    cfg.train.name, cfg.train.storage = f"trial-{trial_id}", f"{storage}/trials"
+    cfg.train.name = f"trial-{trial_id}"
     fit(cfg, parent=parent, callbacks=[TuneReportCallback()], params=params)
 
 
@@ -320,14 +321,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 # The outcome: every trial, the rows over seeds, the best, in MLflow
 
 
-def _trial_rows(grid, sweep: SweepConfig, base_cfg, uri: str, sweep_dir: str) -> list[dict]:
+def _trial_rows(grid, sweep: SweepConfig, base_cfg, uri: str) -> list[dict]:
     """One record per trial: parameters, final metric, steps reached, how it
     ended; a trial stopped by the scheduler gets its MLflow run marked so."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        run = recorded_run(uri, f"{sweep_dir}/trials/trial-{trial_id}")
+        run_dir = f"{base_cfg.train.storage}/trial-{trial_id}"  # as _trial names it
+        run = recorded_run(uri, run_dir)
         step = metrics.get("step", 0)
         if result.error is not None:
             status = "failed"
@@ -342,7 +344,7 @@ def _trial_rows(grid, sweep: SweepConfig, base_cfg, uri: str, sweep_dir: str) ->
         rows.append({"trial": trial_id, "params": {k: _short(v) for k, v in (result.config or {}).items()},
                      "value": metrics.get(sweep.metric), "step": step, "status": status,
                      "run_id": run.id if run else None,
-                     "model": f"{sweep_dir}/trials/trial-{trial_id}/model" if status == "finished" else None})
+                     "model": f"{run_dir}/model" if status == "finished" else None})
     return rows
 
 
