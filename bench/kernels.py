@@ -135,22 +135,31 @@ def extra_memory_mb(fn) -> float:
     return extra / 2**20
 
 
-def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
-    """Every kernel as the launchers run it (D = 512), for each (target, input type)."""
+def config_label(config: dict) -> str:
+    """Tiles, warps, stages of a build: 'R64 C64 K64 DO256 w8 s3'."""
+    short = {"BLOCK_R": "R", "BLOCK_C": "C", "BLOCK_K": "K", "BLOCK_DO": "DO", "BLOCK_P": "P"}
+    tiles = " ".join(f"{v}{config[k]}" for k, v in short.items() if k in config)
+    return f"{tiles} w{config['num_warps']} s{config['num_stages']}"
+
+
+def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None, every: bool) -> None:
+    """Every kernel as the launchers run it (D = 512), for each (target, input type):
+    in its default configuration, or (every) in each one the autotuner may pick."""
     import json
 
     from kernels.build import all_builds, resources
 
     records = []
-    lines = ["| kernel | target | dtype | registers | spill bytes | shared KB | fits | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | target | dtype | config | registers | spill bytes | shared KB | fits | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print(lines[0] + "\n" + lines[1], flush=True)
     for arch, dtypes in builds:
-        for dtype, name, build in all_builds(dtypes=(dtypes,)):
+        for dtype, name, build in all_builds(arch, dtypes=(dtypes,), every=every):
             start = time.perf_counter()
             r = {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
             records.append(r)
-            lines.append(f"| {name} | {r['target']} | {dtype} | {r['registers']} | {r['spill_bytes']} | "
+            lines.append(f"| {name} | {r['target']} | {dtype} | {config_label(r['config'])} | {r['registers']} | "
+                         f"{r['spill_bytes']} | "
                          f"{r['shared_bytes'] / 1024:.0f} | {'yes' if r['shared_fits'] else 'NO'} | "
                          f"{r['compile_s']} |")
             print(lines[-1], flush=True)
@@ -174,10 +183,12 @@ def main() -> None:
     p.add_argument("--builds", default="80:bf16,80:fp32,90:bf16,90:fp32",
                    help="compute capability:input type pairs to compile for")
     p.add_argument("--json", help="with --compile-only: also write the records here")
+    p.add_argument("--every-config", action="store_true",
+                   help="with --compile-only: each configuration shipped for the autotuner, not only the defaults")
     args = p.parse_args()
     if args.compile_only:
         return compile_table([(int(b.split(":")[0]), b.split(":")[1]) for b in args.builds.split(",")],
-                             args.json, args.out)
+                             args.json, args.out, args.every_config)
     import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,6 +246,14 @@ def main() -> None:
               f"| dense torch | {t_pool_dense:.3f} | {moved / t_pool_dense / 1e6:.0f} |",
               f"| kernel | {t_pool:.3f} | {moved / t_pool / 1e6:.0f} |",
               f"| speed-up | {t_pool_dense / t_pool:.1f}x | |"]
+
+    # 4. what the autotuner chose for each kernel and shape (kernels/tuning.py)
+    from kernels import contrastive, pooling
+
+    lines += ["", "Configurations the autotuner chose (kernel: target, padded D, shape key -> config):"]
+    for tuned in [*contrastive.FORWARD.values(), *contrastive.ROWS.values(), *contrastive.COLS.values(),
+                  pooling.FORWARD, pooling.BACKWARD]:
+        lines += [f"- {tuned.fn.__name__}: {choice}" for choice in tuned.chosen()]
 
     report = "\n".join(lines)
     print(report)

@@ -6,8 +6,24 @@ Every term of the MAKE loss is `sum_r a_r lse_r - (positive logits)`, so this
 is the only operation that touches rows x columns. The forward tiles the
 columns and keeps an online log-sum-exp per row; the backward recomputes the
 tiles: one kernel for the row gradients (and the scale's), one for the column
-gradients. Nothing of size rows x columns is ever stored: extra memory is the
-(R,) log-sum-exps and one partial sum per row block.
+gradients. Nothing of size rows x columns is ever stored.
+
+Work is cut to fill the card (kernels/tuning.py): when the rows are too few
+blocks (one rank's 2,048 images), the columns are cut into chunks, one
+program each, and the launcher combines the chunks' log-sum-exps and adds
+their row gradients; likewise the rows for the column gradients. The
+feature dimension may be streamed in chunks (BLOCK_K) and the gradients
+written a chunk of features per program (BLOCK_DO), so larger tiles fit a
+program's registers. Extra memory: at most 8 partial sums per row (forward)
+or per row and feature (backward), the same per column; rows + columns.
+
+Why two backward kernels and not one fused: a single pass would add each
+tile's column gradients into global memory with atomics, D / BLOCK_R of them
+per logit (8 float32 read-modify-writes at D = 512 and 64-row tiles), to
+save one recomputation of the logit, 2 D = 1,024 FLOP. On an H100 (about
+783 bf16 TFLOP/s against 3.35 TB/s of memory) the atomics' 32 bytes take
+as long as some 7,500 FLOP: an estimate, not a measurement, that the fused
+pass is slower at this width (docs/BENCHMARKS.md).
 
 Products accumulate in float32: bf16 inputs go through the tensor cores with
 float32 accumulation; float32 inputs use exact float32 products (not TF32),
@@ -25,11 +41,11 @@ product of two bf16 numbers is exact in float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import tuning
 
 
 @triton.jit
@@ -43,96 +59,203 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits(x, c, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """x (BR, BD) . c (BC, BD)^T in float32."""
-    return _dot(x, tl.trans(c), IEEE, UPCAST)
+def _tile(T, idx, n, k, D, BLOCK: tl.constexpr):
+    """T[idx, k:k + BLOCK] as (len(idx), BLOCK), zero outside the tensor."""
+    d = k + tl.arange(0, BLOCK)
+    return tl.load(T + idx[:, None] * D + d[None, :], mask=(idx[:, None] < n) & (d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _column_tile(C, VALID, cols, d, NC, D, HAS_VALID: tl.constexpr):
-    """Columns `cols` (BC, BD) and which of them take part (BC,)."""
-    c = tl.load(C + cols[:, None] * D + d[None, :], mask=(cols[:, None] < NC) & (d[None, :] < D), other=0.0)
+def _held(T, idx, n, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole tile T[idx, :] when the configuration holds it (BLOCK_K spans D);
+    else nothing (the logits stream D in BLOCK_K chunks)."""
+    if BLOCK_K == BLOCK_D:
+        t = _tile(T, idx, n, 0, D, BLOCK_D)
+    else:
+        t = 0.0
+    return t
+
+
+@triton.jit
+def _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rows . cols, a (len(rows), len(cols)) float32 tile: from the held tiles x
+    and c, or streaming D in BLOCK_K chunks (no program holds all D of its rows)."""
+    if BLOCK_K == BLOCK_D:
+        acc = _dot(x, tl.trans(c), IEEE, UPCAST)
+    else:
+        acc = _dot(_tile(X, rows, R, 0, D, BLOCK_K), tl.trans(_tile(C, cols, NC, 0, D, BLOCK_K)), IEEE, UPCAST)
+        for k in range(BLOCK_K, D, BLOCK_K):
+            acc += _dot(_tile(X, rows, R, k, D, BLOCK_K), tl.trans(_tile(C, cols, NC, k, D, BLOCK_K)),
+                        IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
+def _out_tile(T, held, idx, n, d0, D, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_D: tl.constexpr):
+    """T[idx, d0:d0 + BLOCK_DO], the features this program writes gradients for."""
+    if BLOCK_K == BLOCK_D:
+        if BLOCK_DO == BLOCK_D:
+            t = held
+        else:
+            t = _tile(T, idx, n, d0, D, BLOCK_DO)
+    else:
+        t = _tile(T, idx, n, d0, D, BLOCK_DO)
+    return t
+
+
+@triton.jit
+def _valid(VALID, cols, NC, HAS_VALID: tl.constexpr):
+    """Which of the columns `cols` take part."""
     ok = cols < NC
     if HAS_VALID:
         ok = ok & (tl.load(VALID + cols, mask=cols < NC, other=0) != 0)
-    return c, ok
+    return ok
 
 
 @triton.jit
-def _row_tile(X, LSE, G, rows, d, R, D):
-    """Rows (BR, BD), their log-sum-exp and upstream gradient; a row without
-    any valid column (lse = -inf) gets no gradient."""
+def _row_stats(LSE, G, rows, R):
+    """The rows' log-sum-exp and upstream gradient; a row without any valid
+    column (lse = -inf) gets no gradient."""
     row_ok = rows < R
-    x = tl.load(X + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     g = tl.where(lse == float("-inf"), 0.0, g)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    return x, lse, g
+    return lse, g
 
 
 @triton.jit
-def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D,
-                 HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D, SPLIT,
+                 HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LSE[split, r]: log-sum-exp of row r over the valid columns of chunk `split`
+    ([split * SPLIT, (split + 1) * SPLIT)), -inf if it has none."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    x = tl.load(X + rows[:, None] * D + d[None, :], mask=(rows[:, None] < R) & (d[None, :] < D), other=0.0)
+    split = tl.program_id(1)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, NC)
     s = tl.load(SCALE).to(tl.float32)
+    x = _held(X, rows, R, D, BLOCK_K, BLOCK_D)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, NC, BLOCK_C):
-        c, ok = _column_tile(C, VALID, start + tl.arange(0, BLOCK_C), d, NC, D, HAS_VALID)
-        logits = tl.where(ok[None, :], _logits(x, c, IEEE, UPCAST) * s, float("-inf"))
+    for start in range(lo, hi, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
+        raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
+        logits = tl.where(_valid(VALID, cols, NC, HAS_VALID)[None, :], raw * s, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid column yet
         total = total * tl.exp(m - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
         m = m_new
-    lse = tl.where(total > 0, m + tl.log(total), float("-inf"))
-    tl.store(LSE + rows, lse, mask=rows < R)
+    lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(LSE + split * R + rows, lse, mask=rows < R)
 
 
 @triton.jit
-def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D,
-                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dX[r] = s sum_c g_r p_rc cols_c;  DS[block] = sum_r g_r sum_c p_rc (rows_r . cols_c)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    x, lse, g = _row_tile(X, LSE, G, rows, d, R, D)
+def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
+                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_DO: tl.constexpr):
+    """Over the columns of chunk `split` and the features [d0, d0 + BLOCK_DO):
+    DX[split, r, d] = s sum_c g_r p_rc cols_c[d];  DS[split, r] = g_r sum_c p_rc (rows_r . cols_c)
+    (written by the programs of the first feature chunk)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_DO
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, NC)
+    lse, g = _row_stats(LSE, G, rows, R)
     s = tl.load(SCALE).to(tl.float32)
-    dx = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    x = _held(X, rows, R, D, BLOCK_K, BLOCK_D)
+    dx = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
     ds = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, NC, BLOCK_C):
-        c, ok = _column_tile(C, VALID, start + tl.arange(0, BLOCK_C), d, NC, D, HAS_VALID)
-        raw = _logits(x, c, IEEE, UPCAST)
-        p = tl.where(ok[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
+    for start in range(lo, hi, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
+        raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
+        p = tl.where(_valid(VALID, cols, NC, HAS_VALID)[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
         gp = g[:, None] * p
-        dx += _dot(gp.to(c.dtype), c, IEEE, UPCAST)  # bf16 columns: the weights rounded to bf16 too
+        c_out = _out_tile(C, c, cols, NC, d0, D, BLOCK_K, BLOCK_DO, BLOCK_D)
+        dx += _dot(gp.to(c_out.dtype), c_out, IEEE, UPCAST)  # bf16 columns: the weights rounded to bf16 too
         ds += tl.sum(gp * raw, 1)
-    tl.store(DX + rows[:, None] * D + d[None, :], (dx * s).to(DX.dtype.element_ty),
+    d = d0 + tl.arange(0, BLOCK_DO)
+    tl.store(DX + split * R * D + rows[:, None] * D + d[None, :], (dx * s).to(DX.dtype.element_ty),
              mask=(rows[:, None] < R) & (d[None, :] < D))
-    tl.store(DS + pid, tl.sum(ds, 0))
+    tl.store(DS + split * R + rows, ds, mask=(rows < R) & (d0 == 0))
 
 
 @triton.jit
-def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D,
-                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dC[c] = s sum_r g_r p_rc rows_r (0 for invalid columns)."""
+def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
+                       HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_DO: tl.constexpr):
+    """Over the rows of chunk `split` and the features [d0, d0 + BLOCK_DO):
+    DC[split, c, d] = s sum_r g_r p_rc rows_r[d] (0 for invalid columns)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    d = tl.arange(0, BLOCK_D)
-    c, ok = _column_tile(C, VALID, cols, d, NC, D, HAS_VALID)
+    split = tl.program_id(1)
+    d0 = tl.program_id(2) * BLOCK_DO
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, R)
+    ok = _valid(VALID, cols, NC, HAS_VALID)
     s = tl.load(SCALE).to(tl.float32)
-    dc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for start in range(0, R, BLOCK_R):
-        x, lse, g = _row_tile(X, LSE, G, start + tl.arange(0, BLOCK_R), d, R, D)
-        raw = _logits(x, c, IEEE, UPCAST)
+    c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
+    dc = tl.zeros([BLOCK_C, BLOCK_DO], tl.float32)
+    for start in range(lo, hi, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        lse, g = _row_stats(LSE, G, rows, R)
+        x = _held(X, rows, R, D, BLOCK_K, BLOCK_D)
+        raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
         gp = g[:, None] * tl.where(ok[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
-        dc += _dot(tl.trans(gp).to(x.dtype), x, IEEE, UPCAST)
-    tl.store(DC + cols[:, None] * D + d[None, :], (dc * s).to(DC.dtype.element_ty),
+        x_out = _out_tile(X, x, rows, R, d0, D, BLOCK_K, BLOCK_DO, BLOCK_D)
+        dc += _dot(tl.trans(gp).to(x_out.dtype), x_out, IEEE, UPCAST)
+    d = d0 + tl.arange(0, BLOCK_DO)
+    tl.store(DC + split * NC * D + cols[:, None] * D + d[None, :], (dc * s).to(DC.dtype.element_ty),
              mask=(cols[:, None] < NC) & (d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------
+# Configurations. BLOCK_K: the feature chunk the logits stream ("D": the
+# whole row held, loaded once per program). BLOCK_DO: the features one
+# backward program writes gradients for (under "D", the logits are
+# recomputed once per chunk of D / BLOCK_DO). Tiles along a split dimension
+# (columns forward and for the row gradients, rows for the column gradients)
+# are at most tuning.ALIGN. tl.dot needs every dimension >= 16. bf16 goes
+# through the tensor cores; float32 takes exact products (no TF32), smaller
+# tiles and two stages (a 32 x 512 float32 tile in three stages overflowed
+# an A100's shared memory). The first of each list is the default (the
+# interpreter's, and what CI compiles); on a GPU the autotuner times them
+# all. Every build is spill-free and within the card's shared memory
+# (docs/BENCHMARKS.md).
+
+
+def _cfg(num_warps, num_stages, **blocks):
+    return {**blocks, "num_warps": num_warps, "num_stages": num_stages}
+
+
+# The first, the tiles every kernel ran in before the autotuner (32 x 32, the
+# whole row held); then larger tiles that stream D. A build that spills on a
+# target is not shipped for it (sm_80 rows: R64 C32 K64 DO256 spilled 8 B;
+# the float32 R32 C32 K32 DO128 backward spilled at 4 warps, not at 8).
+HELD_32 = dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K="D")
+HALF_FORWARD = [_cfg(4, 3, **HELD_32), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_K=64)]
+HALF_ROWS_80 = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=128)]
+HALF_ROWS_90 = HALF_ROWS_80 + [_cfg(8, 3, BLOCK_R=64, BLOCK_C=32, BLOCK_K=64, BLOCK_DO=256)]
+HALF_COLS = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=128),
+             _cfg(8, 3, BLOCK_R=32, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=256)]
+HELD_16 = dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K="D")
+FP32_FORWARD = [_cfg(4, 2, **HELD_16), _cfg(4, 2, BLOCK_R=32, BLOCK_C=32, BLOCK_K=32)]
+FP32_BACKWARD = [_cfg(4, 2, **HELD_16, BLOCK_DO="D"), _cfg(8, 2, BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, BLOCK_DO=128)]
+
+KEY = ["R", "NC", "D"]
+# {half precision?: the kernel and its configurations per target}
+FORWARD = {True: tuning.Tuned(_lse_forward, {80: HALF_FORWARD, 90: HALF_FORWARD}, KEY),
+           False: tuning.Tuned(_lse_forward, {80: FP32_FORWARD, 90: FP32_FORWARD}, KEY)}
+ROWS = {True: tuning.Tuned(_lse_backward_rows, {80: HALF_ROWS_80, 90: HALF_ROWS_90}, KEY),
+        False: tuning.Tuned(_lse_backward_rows, {80: FP32_BACKWARD, 90: FP32_BACKWARD}, KEY)}
+COLS = {True: tuning.Tuned(_lse_backward_cols, {80: HALF_COLS, 90: HALF_COLS}, KEY),
+        False: tuning.Tuned(_lse_backward_cols, {80: FP32_BACKWARD, 90: FP32_BACKWARD}, KEY)}
 
 
 # ---------------------------------------------------------------------------
@@ -148,72 +271,88 @@ def _prepare(rows, cols, col_valid):
     return rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), valid
 
 
-def launch_meta(dtype: torch.dtype, has_valid: bool, D: int, backward: bool = False) -> dict:
-    """The constants and launch options of a kernel on `dtype` rows and columns
-    (also what kernels/build.py compiles for a card it does not have). Chosen
-    so that no build spills registers and every one fits an A100's shared
-    memory (bench/kernels.py --compile-only; docs/BENCHMARKS.md):
-    - bf16 and fp16 go through the tensor cores in 32 x 32 tiles; the backward
-      kernels hold a 32 x D float32 gradient and spilled at 4 warps (255
-      registers): they take 8;
-    - float32 (exact products, no tensor cores) in 16 x 16 tiles and 2
-      pipeline stages: 32 x 32 spilled 20 KB per thread and asked for 192 KB
-      of shared memory at Triton's default 3 stages."""
-    half = dtype in (torch.bfloat16, torch.float16)
-    block = 32 if half else 16  # tl.dot needs each dimension >= 16
-    return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-                BLOCK_R=block, BLOCK_C=block, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                num_warps=8 if half and backward else 4, num_stages=3 if half else 2)
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
 
-def builds(dtype: torch.dtype, D: int, has_valid: bool = True) -> list[tuple]:
-    """(kernel, argument types, constants, options) of each kernel as the launchers
-    run it on `dtype` rows and columns of width D."""
-    t = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    ints = {"R": "i32", "NC": "i32", "D": "i32"}
+def flags(dtype: torch.dtype, has_valid: bool, D: int) -> dict:
+    """The constants every kernel takes besides its configuration."""
+    return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=tuning.INTERPRET,
+                BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def builds(dtype: torch.dtype, D: int, arch: int, every: bool = False, has_valid: bool = True) -> list[tuple]:
+    """(kernel, argument types, constants, options) of each kernel on `dtype`
+    rows and columns of width D for sm_<arch>: its default configuration, or
+    with every=True each one shipped (what kernels/build.py compiles)."""
+    t = tuning.POINTER[dtype]
+    ints = {"R": "i32", "NC": "i32", "D": "i32", "SPLIT": "i32"}
+    const = {**flags(dtype, has_valid, D), "UPCAST": False}  # UPCAST off: what a GPU runs
     out = []
-    for kernel, signature in (
-        (_lse_forward, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "SCALE": "*fp32", **ints}),
-        (_lse_backward_rows, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DX": t,
-                              "DS": "*fp32", "SCALE": "*fp32", **ints}),
-        (_lse_backward_cols, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DC": t,
-                              "SCALE": "*fp32", **ints}),
+    for tuned, signature in (
+        (FORWARD, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "SCALE": "*fp32", **ints}),
+        (ROWS, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DX": t, "DS": "*fp32",
+                "SCALE": "*fp32", **ints}),
+        (COLS, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "G": "*fp32", "DC": t, "SCALE": "*fp32",
+                **ints}),
     ):
-        meta = launch_meta(dtype, has_valid, D, backward=kernel is not _lse_forward)
-        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-        out.append((kernel, signature, {**meta, "UPCAST": False}, options))  # UPCAST off: what a GPU runs
+        kernel = tuned[_half(dtype)]
+        options = kernel.options(arch, const["BLOCK_D"])
+        for meta, launch in options if every else options[:1]:
+            out.append((kernel.fn, signature, {**const, **meta}, launch))
     return out
 
 
-def lse_forward(rows, cols, col_valid, scale, out=None):
+def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=None):
+    """(R,) log-sum-exp of each row. config: a shipped configuration's index
+    (default: the autotuner's choice); n_splits: cut the columns into at most
+    that many chunks (default: tuning.splits)."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
-    R, D = rows.shape
+    (R, D), NC = rows.shape, cols.shape[0]
     out = torch.empty(R, device=rows.device, dtype=torch.float32) if out is None else out
     if R == 0:  # a rank without samples: nothing to launch
         return out
+    n, length = tuning.splits(R, NC, rows.device) if n_splits is None else tuning.fixed_splits(NC, n_splits)
+    part = out[None] if n == 1 else tuning.partials(n, R, device=rows.device)
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
-    meta = launch_meta(rows.dtype, valid is not None, D)
-    _lse_forward[(triton.cdiv(R, meta["BLOCK_R"]),)](rows, cols, dummy, out, scale, R, cols.shape[0], D, **meta)
+    FORWARD[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n), rows, cols, dummy, part, scale,
+                               R, NC, D, length, device=rows.device, config=config,
+                               **flags(rows.dtype, valid is not None, D))
+    if n > 1:
+        torch.logsumexp(part, 0, out=out)
     return out
 
 
-def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=None, d_scale_parts=None):
-    """Gradients of sum_r grad_r lse_r: (d_rows, d_cols, d_scale)."""
+def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=None, config=None, n_splits=None):
+    """Gradients of sum_r grad_r lse_r: (d_rows, d_cols, d_scale). config and
+    n_splits as lse_forward (n_splits for both kernels)."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
     (R, D), NC = rows.shape, cols.shape[0]
     grad = grad.float().contiguous()
     d_rows = torch.empty_like(rows) if d_rows is None else d_rows
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
-    meta = launch_meta(rows.dtype, valid is not None, D, backward=True)
-    blocks = triton.cdiv(R, meta["BLOCK_R"])
-    parts = torch.empty(blocks, device=rows.device, dtype=torch.float32) if d_scale_parts is None else d_scale_parts
     if R == 0 or NC == 0:  # no row or no column: every gradient is 0
-        return d_rows.zero_(), d_cols.zero_(), parts.zero_().sum()
+        return d_rows.zero_(), d_cols.zero_(), torch.zeros((), device=rows.device)
+    cut = (lambda parallel, reduction: tuning.splits(parallel, reduction, rows.device)) if n_splits is None \
+        else (lambda parallel, reduction: tuning.fixed_splits(reduction, n_splits))
+    common = dict(device=rows.device, config=config, **flags(rows.dtype, valid is not None, D))
     dummy = valid if valid is not None else lse
-    _lse_backward_rows[(blocks,)](rows, cols, dummy, lse, grad, d_rows, parts, scale, R, NC, D, **meta)
-    _lse_backward_cols[(triton.cdiv(NC, meta["BLOCK_C"]),)](rows, cols, dummy, lse, grad, d_cols, scale, R, NC, D,
-                                                             **meta)
-    return d_rows, d_cols, parts.sum()
+    # Row gradients (and the scale's, per row): the columns cut into chunks.
+    n, length = cut(R, NC)
+    dx = d_rows[None] if n == 1 else tuning.partials(n, R, D, device=rows.device)
+    ds = tuning.partials(n, R, device=rows.device)
+    ROWS[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n, triton.cdiv(D, m["BLOCK_DO"])),
+                            rows, cols, dummy, lse, grad, dx, ds, scale, R, NC, D, length, **common)
+    if n > 1:
+        d_rows.copy_(dx.sum(0))
+    # Column gradients: the rows cut into chunks.
+    n, length = cut(NC, R)
+    dc = d_cols[None] if n == 1 else tuning.partials(n, NC, D, device=rows.device)
+    COLS[_half(rows.dtype)](lambda m: (triton.cdiv(NC, m["BLOCK_C"]), n, triton.cdiv(D, m["BLOCK_DO"])),
+                            rows, cols, dummy, lse, grad, dc, scale, R, NC, D, length, **common)
+    if n > 1:
+        d_cols.copy_(dc.sum(0))
+    return d_rows, d_cols, ds.sum()
 
 
 class ColumnLogSumExp(torch.autograd.Function):

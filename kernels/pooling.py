@@ -2,10 +2,15 @@
 
     r_q = t . p_q,  z_q = r_q [r_q >= sigma],  u = sum_q z_q p_q,  e = u / max(|u|, eps)
 
-One program per image. The forward makes one pass over the image's patches
-(relevance and pooled sum together); the backward one more pass (recomputing
-the relevance), writing the patch gradients and summing the text's. Extra
-memory: |u| per image.
+The kernels make the passes over the patches, the only large operand: the
+forward one (relevance and pooled sum together), the backward one more
+(recomputing the relevance, writing the patch gradients, summing the
+text's). One program takes one image's patches, or a chunk of them when the
+images alone are too few to fill the card (tuning.splits; the partial sums
+are added by the launcher). What is per image and small, the norm and its
+gradient, is plain torch on (B, D). A program holds a BLOCK_P x D tile of
+patches: tiling D would read every patch twice in a kernel bound by memory.
+Extra memory: (splits, B, D) float32 partial sums.
 """
 
 from __future__ import annotations
@@ -14,97 +19,126 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_P = 16
-# The backward holds more per program (the text's gradient, the relevance): at
-# 4 warps its float32 build spilled on sm_80; at 8 no build spills
-# (bench/kernels.py --compile-only).
-FORWARD_WARPS, BACKWARD_WARPS = 4, 8
+from . import tuning
+
 EPS = 1e-12  # as F.normalize
 
 
 @triton.jit
-def _pool_forward(PATCHES, TEXT, E, NORM, P, D, sigma,
-                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    d = tl.arange(0, BLOCK_D)
-    t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
-    u = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, P, BLOCK_P):
-        q = start + tl.arange(0, BLOCK_P)
-        p = tl.load(PATCHES + b * P * D + q[:, None] * D + d[None, :],
-                    mask=(q[:, None] < P) & (d[None, :] < D), other=0.0).to(tl.float32)
-        r = tl.sum(p * t[None, :], 1)
-        z = tl.where((r >= sigma) & (q < P), r, 0.0)
-        u += tl.sum(z[:, None] * p, 0)
-    norm = tl.sqrt(tl.sum(u * u, 0))
-    tl.store(E + b * D + d, u / tl.maximum(norm, 1e-12), mask=d < D)
-    tl.store(NORM + b, norm)
+def _patch_tile(PATCHES, b, q, d, P, D):
+    inside = (q[:, None] < P) & (d[None, :] < D)
+    return tl.load(PATCHES + b * P * D + q[:, None] * D + d[None, :], mask=inside, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _pool_backward(PATCHES, TEXT, E, NORM, DE, DP, DT, P, D, sigma,
-                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
+def _pool_forward(PATCHES, TEXT, U, B, P, D, SPLIT, sigma,
+                  BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """U[split, b] = sum over the patches q of chunk `split` of z_q p_q."""
+    b, split = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
-    e = tl.load(E + b * D + d, mask=d < D, other=0.0)
-    de = tl.load(DE + b * D + d, mask=d < D, other=0.0).to(tl.float32)
-    norm = tl.load(NORM + b)
-    # Through e = u / max(|u|, eps): the clamp passes no gradient to |u|.
-    du = tl.where(norm > 1e-12, (de - e * tl.sum(e * de, 0)) / tl.maximum(norm, 1e-12), de / 1e-12)
-    dt = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, P, BLOCK_P):
+    u = tl.zeros([BLOCK_D], tl.float32)
+    lo = split * SPLIT
+    for start in range(lo, tl.minimum(lo + SPLIT, P), BLOCK_P):
         q = start + tl.arange(0, BLOCK_P)
-        inside = (q[:, None] < P) & (d[None, :] < D)
-        p = tl.load(PATCHES + b * P * D + q[:, None] * D + d[None, :], mask=inside, other=0.0).to(tl.float32)
+        p = _patch_tile(PATCHES, b, q, d, P, D)
+        r = tl.sum(p * t[None, :], 1)
+        z = tl.where((r >= sigma) & (q < P), r, 0.0)
+        u += tl.sum(z[:, None] * p, 0)
+    tl.store(U + (split * B + b) * D + d, u, mask=d < D)
+
+
+@triton.jit
+def _pool_backward(PATCHES, TEXT, DU, DP, DT, B, P, D, SPLIT, sigma,
+                   BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Given du = dL/du: DP[b, q] = z_q du + (du . p_q)[kept] t for the patches of
+    chunk `split`; DT[split, b] = their sum of (du . p_q)[kept] p_q."""
+    b, split = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
+    du = tl.load(DU + b * D + d, mask=d < D, other=0.0)
+    dt = tl.zeros([BLOCK_D], tl.float32)
+    lo = split * SPLIT
+    for start in range(lo, tl.minimum(lo + SPLIT, P), BLOCK_P):
+        q = start + tl.arange(0, BLOCK_P)
+        p = _patch_tile(PATCHES, b, q, d, P, D)
         r = tl.sum(p * t[None, :], 1)
         keep = (r >= sigma) & (q < P)
         z = tl.where(keep, r, 0.0)
         dr = tl.where(keep, tl.sum(p * du[None, :], 1), 0.0)
         dp = z[:, None] * du[None, :] + dr[:, None] * t[None, :]
-        tl.store(DP + b * P * D + q[:, None] * D + d[None, :], dp.to(DP.dtype.element_ty), mask=inside)
+        tl.store(DP + b * P * D + q[:, None] * D + d[None, :], dp.to(DP.dtype.element_ty),
+                 mask=(q[:, None] < P) & (d[None, :] < D))
         dt += tl.sum(dr[:, None] * p, 0)
-    tl.store(DT + b * D + d, dt.to(DT.dtype.element_ty), mask=d < D)
+    tl.store(DT + (split * B + b) * D + d, dt, mask=d < D)
+
+
+# Configurations (the first the default; autotuned on a GPU, kernels/tuning.py).
+# The backward holds more per program (the text's gradient, the relevance):
+# 16 patches at 4 warps spilled in float32 on sm_80, 32 at 8 warps on sm_90
+# (bench/kernels.py --compile-only).
+FORWARD_CONFIGS = [{"BLOCK_P": 16, "num_warps": 4, "num_stages": 3}, {"BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
+                   {"BLOCK_P": 8, "num_warps": 4, "num_stages": 3}]
+BACKWARD_CONFIGS = [{"BLOCK_P": 16, "num_warps": 8, "num_stages": 3}, {"BLOCK_P": 8, "num_warps": 4, "num_stages": 3}]
+FORWARD = tuning.Tuned(_pool_forward, {80: FORWARD_CONFIGS, 90: FORWARD_CONFIGS}, ["P", "D"])
+BACKWARD = tuning.Tuned(_pool_backward, {80: BACKWARD_CONFIGS, 90: BACKWARD_CONFIGS}, ["P", "D"])
+MIN_SPLIT = 64  # patches per chunk at least (an image has 196 at ViT-B/16, 224 px)
 
 
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def builds(dtype: torch.dtype, D: int) -> list[tuple]:
+def _splits(B: int, P: int, device, n_splits):
+    if n_splits is not None:
+        return tuning.fixed_splits(P, n_splits)
+    return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT)
+
+
+def builds(dtype: torch.dtype, D: int, arch: int, every: bool = False) -> list[tuple]:
     """(kernel, argument types, constants, options) of each kernel as the launchers
-    run it on `dtype` patches and texts of width D (see kernels/build.py)."""
-    t = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    meta = {"BLOCK_P": BLOCK_P, "BLOCK_D": _block_d(D)}
-    ints = {"P": "i32", "D": "i32", "sigma": "fp32"}
-    return [
-        (_pool_forward, {"PATCHES": t, "TEXT": t, "E": "*fp32", "NORM": "*fp32", **ints}, meta,
-         {"num_warps": FORWARD_WARPS, "num_stages": 3}),
-        (_pool_backward, {"PATCHES": t, "TEXT": t, "E": "*fp32", "NORM": "*fp32", "DE": "*fp32", "DP": t, "DT": t,
-                          **ints}, meta, {"num_warps": BACKWARD_WARPS, "num_stages": 3}),
-    ]
+    run it on `dtype` patches and texts of width D for sm_<arch> (see
+    kernels/build.py): its default configuration, or every one shipped."""
+    t = tuning.POINTER[dtype]
+    ints = {"B": "i32", "P": "i32", "D": "i32", "SPLIT": "i32", "sigma": "fp32"}
+    out = []
+    for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
+                             (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
+        options = tuned.options(arch, _block_d(D))
+        for meta, launch in options if every else options[:1]:
+            out.append((tuned.fn, signature, {"BLOCK_D": _block_d(D), **meta}, launch))
+    return out
 
 
-def pool_forward(patches, text, sigma: float, e=None, norm=None):
+def pool_forward(patches, text, sigma: float, config=None, n_splits=None):
+    """(e, |u|): the knowledge embeddings (B, D) float32 and the pooled sums' norms (B,)."""
     B, P, D = patches.shape
-    e = torch.empty(B, D, device=patches.device, dtype=torch.float32) if e is None else e
-    norm = torch.empty(B, device=patches.device, dtype=torch.float32) if norm is None else norm
     if B == 0:  # a rank without samples: nothing to launch
-        return e, norm
-    _pool_forward[(B,)](patches, text, e, norm, P, D, float(sigma), BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D),
-                        num_warps=FORWARD_WARPS)
-    return e, norm
+        return patches.new_zeros(0, D, dtype=torch.float32), patches.new_zeros(0, dtype=torch.float32)
+    n, length = _splits(B, P, patches.device, n_splits)
+    u = tuning.partials(n, B, D, device=patches.device)
+    FORWARD(lambda m: (B, n), patches, text, u, B, P, D, length, float(sigma), device=patches.device,
+            config=config, BLOCK_D=_block_d(D))
+    u = u.sum(0)
+    norm = u.norm(dim=1)
+    return u / norm.clamp_min(EPS)[:, None], norm
 
 
-def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, d_text=None):
+def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, config=None, n_splits=None):
+    """(d_patches, d_text) from the upstream gradient of e."""
     B, P, D = patches.shape
     d_patches = torch.empty_like(patches) if d_patches is None else d_patches
-    d_text = torch.empty_like(text) if d_text is None else d_text
     if B == 0:
-        return d_patches, d_text
-    _pool_backward[(B,)](patches, text, e, norm, grad_e.contiguous(), d_patches, d_text, P, D, float(sigma),
-                         BLOCK_P=BLOCK_P, BLOCK_D=_block_d(D), num_warps=BACKWARD_WARPS)
-    return d_patches, d_text
+        return d_patches, torch.zeros_like(text)
+    de = grad_e.float()
+    # Through e = u / max(|u|, eps): the clamp passes no gradient to |u|.
+    du = torch.where((norm > EPS)[:, None], (de - e * (e * de).sum(1, keepdim=True)) / norm.clamp_min(EPS)[:, None],
+                     de / EPS).contiguous()
+    n, length = _splits(B, P, patches.device, n_splits)
+    dt = tuning.partials(n, B, D, device=patches.device)
+    BACKWARD(lambda m: (B, n), patches, text, du, d_patches, dt, B, P, D, length, float(sigma),
+             device=patches.device, config=config, BLOCK_D=_block_d(D))
+    return d_patches, dt.sum(0).to(text.dtype)
 
 
 class KnowledgePool(torch.autograd.Function):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import triton
 
 import kernels
-from kernels.contrastive import _prepare, launch_meta, lse_backward, lse_forward
+from kernels import contrastive, pooling, tuning
+from kernels.contrastive import _prepare, flags, lse_backward, lse_forward
 from kernels.pooling import pool_backward, pool_forward
 from make_dist import objective
 from tests.test_objective import random_inputs, with_missing
@@ -69,7 +70,13 @@ def test_column_lse_matches_dense(rows, ranks, block_rows, with_valid, seed):
         assert torch.equal(grads[1][~valid], torch.zeros_like(grads[1][~valid]))
 
 
-def test_column_lse_writes_every_element():
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Partial-sum buffers start as NaN: an element no program writes shows."""
+    monkeypatch.setattr(tuning, "POISON", True)
+
+
+def test_column_lse_writes_every_element(poisoned):
     g = torch.Generator().manual_seed(5)
     R, C, D = 37, 45, 20
     x, c = unit(R, D, g=g, dtype=torch.float32), unit(C, D, g=g, dtype=torch.float32)
@@ -79,10 +86,110 @@ def test_column_lse_writes_every_element():
     assert torch.isfinite(lse).all()
     d_rows = torch.full_like(x, float("nan"))
     d_cols = torch.full_like(c, float("nan"))
-    row_blocks = triton.cdiv(R, launch_meta(torch.float32, True, D, backward=True)["BLOCK_R"])
-    parts = torch.full((row_blocks,), float("nan"), device=DEVICE)  # the scale's gradient, a part per row block
-    lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols, parts)
-    assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(parts).all()
+    _, _, d_scale = lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols)
+    assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(d_scale)
+
+
+def shipped(*family: tuning.Tuned, D: int = 160) -> list[tuple[int, int]]:
+    """(target, index) of each distinct set of configurations the launchers can run
+    for a family of kernels (an index past a kernel's list takes its last)."""
+    seen, out = set(), []
+    block_d = max(16, triton.next_power_of_2(D))
+    for arch in tuning.TARGETS:
+        for i in range(max(k.count() for k in family)):
+            picked = tuple(str(k.options(arch, block_d)[min(i, len(k.configs[arch]) - 1)]) for k in family)
+            if picked not in seen:
+                seen.add(picked)
+                out.append((arch, i))
+    return out
+
+
+@pytest.mark.parametrize("dtype,config", [
+    pytest.param(dtype, config, id=f"{str(dtype)[6:]}-sm{config[0]}-{config[1]}")
+    for dtype in (torch.float32, torch.bfloat16)
+    for config in shipped(*(family[dtype == torch.bfloat16] for family in
+                            (contrastive.FORWARD, contrastive.ROWS, contrastive.COLS)))])
+def test_every_shipped_configuration_matches_dense_with_split_reductions(config, dtype, poisoned):
+    """Each configuration the autotuner may pick, on either target, with the
+    columns (forward, row gradients) and rows (column gradients) cut into
+    chunks, several of them partial: D = 160 is wide enough that the
+    streamed-D tiles take three chunks and the feature-chunked gradients two."""
+    g = torch.Generator().manual_seed(21)
+    R, C, D = 130, 260, 160
+    x = unit(R, D, g=g).to(dtype)
+    c = unit(C, D, g=g).to(dtype)
+    valid = (torch.rand(C, generator=g) < 0.7).to(DEVICE)
+    valid[:128] = False  # the first column chunk without a valid column
+    s = torch.tensor([20.0], device=DEVICE)
+    upstream = torch.randn(R, generator=g).to(DEVICE)
+    x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, c, s))
+    want = objective.column_logsumexp(x64, c64, valid, s64)
+    (want * upstream.double()).sum().backward()
+    assert tuning.fixed_splits(C, 3) == (3, 128) and tuning.fixed_splits(R, 3) == (2, 128)
+    for n_splits in (1, 3):
+        lse = lse_forward(x, c, valid, s, config=config, n_splits=n_splits)
+        d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=config, n_splits=n_splits)
+        close(lse, want, 1e-5 if dtype == torch.float32 else 1e-4)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the weights and the stored results rounded
+        close_relative(d_rows, x64.grad, tol)
+        close_relative(d_cols, c64.grad, tol)
+        assert abs(d_scale.item() - s64.grad.item()) <= 1e-4 * abs(s64.grad.item())
+        assert torch.equal(d_cols[~valid], torch.zeros_like(d_cols[~valid]))
+
+
+def test_the_autotuner_times_every_configuration_and_keeps_one(monkeypatch):
+    """The launch path a GPU takes (Triton's autotuner over the shipped
+    configurations, the grid from the chosen constants), run by the
+    interpreter with a CPU clock in place of CUDA events."""
+    import time
+
+    timed = []
+
+    def cpu_bench(fn, quantiles):
+        start = time.perf_counter()
+        fn()
+        timed.append(fn)
+        return [time.perf_counter() - start] * len(quantiles)
+
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "_AUTOTUNE", {"do_bench": cpu_bench})
+    family = [contrastive.FORWARD[True], contrastive.ROWS[True], contrastive.COLS[True], pooling.FORWARD,
+              pooling.BACKWARD]
+    for tuned in family:
+        monkeypatch.setattr(tuned, "_tuners", {})
+    g = torch.Generator().manual_seed(41)
+    x, c = unit(70, 48, g=g).bfloat16(), unit(90, 48, g=g).bfloat16()
+    valid = (torch.rand(90, generator=g) < 0.7).to(DEVICE)
+    s = torch.tensor([10.0], device=DEVICE)
+    upstream = torch.randn(70, generator=g).to(DEVICE)
+    p, t = unit(3, 20, 48, g=g).float(), unit(3, 48, g=g).float()
+    for _ in range(2):  # the second call reuses the choice: nothing timed again
+        lse = lse_forward(x, c, valid, s)
+        d_rows, d_cols, _ = lse_backward(x, c, valid, s, lse, upstream)
+        e, norm = pool_forward(p, t, 0.0)
+        d_patches, d_text = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e))
+    assert len(timed) == sum(len(t.configs[90]) for t in family)
+    assert all(len(t.chosen()) >= 1 and "->" in t.chosen()[0] for t in family)
+    x64, c64 = (t.detach().double().requires_grad_() for t in (x, c))
+    want = objective.column_logsumexp(x64, c64, valid, s.double())
+    (want * upstream.double()).sum().backward()
+    close(lse, want, 1e-4)
+    close_relative(d_rows, x64.grad, 2e-2)  # the weights and the stored gradients in bf16
+    close_relative(d_cols, c64.grad, 2e-2)
+    close(e, objective.knowledge_embedding(p.double(), t.double(), 0.0), 1e-6)
+
+
+def test_splits_fill_the_card_only_when_the_blocks_are_few():
+    """One rank's 2,048 images (32 blocks of 64 rows) against 22,528 texts on
+    132 SMs: the columns are cut; 22,528 texts as rows are blocks enough."""
+    cuda = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tuning, "sm_count", lambda device: 132)
+        n, length = tuning.splits(2048, 22528, cuda)
+        assert n == tuning.MAX_SPLITS and length % tuning.ALIGN == 0 and n * length >= 22528
+        assert tuning.splits(22528, 2048, cuda) == (1, 2048)
+        assert tuning.splits(16384, 2048, cuda)[0] == 1  # 256 blocks of 64: no partial buffer of 16,384 rows
+        assert tuning.splits(2048, 1500, cuda)[0] == 1  # chunks shorter than MIN_SPLIT are not worth it
 
 
 def close_relative(a, b, tol):
@@ -107,7 +214,7 @@ def test_column_lse_bf16_forward_and_backward(cols_dtype):
     (got * upstream).sum().backward()
     assert got.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and c.grad.dtype == cols_dtype
     rows, _, _ = _prepare(x, c, None)  # bf16 with bf16: the tensor-core branch; with float32: IEEE float32
-    assert launch_meta(rows.dtype, False, 64)["IEEE"] == (cols_dtype == torch.float32)
+    assert flags(rows.dtype, False, 64)["IEEE"] == (cols_dtype == torch.float32)
     # the reference: the same (rounded) values in float64
     x64, c64, s64 = (t.detach().double().requires_grad_() for t in (x, c, s))
     want = objective.column_logsumexp(x64, c64, valid, s64)
@@ -160,16 +267,35 @@ def test_patch_pool_bf16_forward_and_backward():
     close_relative(t.grad, t64.grad, 1e-2)
 
 
-def test_patch_pool_writes_every_element():
+def test_patch_pool_writes_every_element(poisoned):
     g = torch.Generator().manual_seed(8)
     B, P, D = 5, 21, 24
     p, t = unit(B, P, D, g=g, dtype=torch.float32), unit(B, D, g=g, dtype=torch.float32)
-    nan = lambda *shape: torch.full(shape, float("nan"), device=DEVICE)  # noqa: E731
-    e, norm = pool_forward(p, t, 0.0, e=nan(B, D), norm=nan(B))
+    e, norm = pool_forward(p, t, 0.0)
     assert torch.isfinite(e).all() and torch.isfinite(norm).all()
     dp, dt = pool_backward(p, t, 0.0, e, norm, torch.randn(B, D, generator=g).to(DEVICE),
-                           d_patches=torch.full_like(p, float("nan")), d_text=torch.full_like(t, float("nan")))
+                           d_patches=torch.full_like(p, float("nan")))
     assert torch.isfinite(dp).all() and torch.isfinite(dt).all()
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, id=f"sm{c[0]}-{c[1]}")
+                                    for c in shipped(pooling.FORWARD, pooling.BACKWARD, D=40)])
+def test_patch_pool_every_shipped_configuration_with_split_patches(config, poisoned):
+    """Each pooling configuration, the patches of an image whole and cut into
+    chunks (200 patches: two chunks of 128 and 72)."""
+    g = torch.Generator().manual_seed(31)
+    B, P, D = 3, 200, 40
+    p, t = unit(B, P, D, g=g).requires_grad_(), unit(B, D, g=g).requires_grad_()
+    upstream = torch.randn(B, D, generator=g, dtype=torch.float64).to(DEVICE)
+    want = objective.knowledge_embedding(p, t, 0.02)
+    (want * upstream).sum().backward()
+    p32, t32 = p.detach().float(), t.detach().float()
+    for n_splits in (1, 2):
+        e, norm = pool_forward(p32, t32, 0.02, config=config, n_splits=n_splits)
+        dp, dt = pool_backward(p32, t32, 0.02, e, norm, upstream.float(), config=config, n_splits=n_splits)
+        close(e, want, 1e-6)
+        close(dp, p.grad, 2e-6)
+        close(dt, t.grad, 2e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -231,29 +357,34 @@ def test_kernels_take_empty_inputs():
 
 
 def test_the_kernels_compile_for_the_cards_and_fit_them(repo_root, tmp_path):
-    """What the interpreter cannot see: each kernel, configured as its launcher
-    configures it, lowers, spills no register and fits the card's shared memory. bf16 for sm_90
-    (an H100's training runs), float32 for sm_80 (bf16 training takes the
-    fine-grained term in float32; an A100 has 163 KB). Compiled without a GPU
-    by bench/kernels.py --compile-only (ptxas ships in the triton wheel), in a
-    fresh process: this one defined the kernels for the interpreter."""
+    """What the interpreter cannot see: each kernel, in every configuration the
+    autotuner may pick, for both cards (sm_80, sm_90) and both input types,
+    lowers, spills no register and fits the card's shared memory (an A100 has
+    163 KB). Compiled without a GPU by bench/kernels.py --compile-only (ptxas
+    ships in the triton wheel), in a fresh process: this one defined the
+    kernels for the interpreter."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "bench/kernels.py", "--compile-only", "--builds", "90:bf16,80:fp32",
+    out = subprocess.run([sys.executable, "bench/kernels.py", "--compile-only", "--every-config",
                           "--json", str(tmp_path / "builds.json")], capture_output=True, text=True, env=env,
                          cwd=repo_root, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     records = json.loads((tmp_path / "builds.json").read_text())
-    assert sorted((r["target"], r["dtype"], r["kernel"]) for r in records) == sorted(
-        (target, dtype, kernel) for target, dtype in (("sm_90", "bf16"), ("sm_80", "fp32"))
-        for kernel in ("_lse_forward", "_lse_backward_rows", "_lse_backward_cols", "_pool_forward", "_pool_backward"))
+    want = {(f"sm_{arch}", dtype, tuned.fn.__name__, len(tuned.configs[arch]))
+            for arch in tuning.TARGETS for dtype in ("bf16", "fp32")
+            for tuned in [*(family[dtype == "bf16"] for family in (contrastive.FORWARD, contrastive.ROWS,
+                                                                  contrastive.COLS)), pooling.FORWARD, pooling.BACKWARD]}
+    got = {(r["target"], r["dtype"], r["kernel"]) for r in records}
+    assert got == {w[:3] for w in want}
+    for target, dtype, kernel, n in want:  # every shipped configuration, once
+        assert sum((r["target"], r["dtype"], r["kernel"]) == (target, dtype, kernel) for r in records) == n
     for r in records:  # nothing spilled to local memory, and the card has the shared memory asked for
         assert r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] and r["shared_fits"], r
-    assert "| _lse_forward | sm_90 | bf16 |" in out.stdout  # the table a person reads
+    assert "| _lse_forward | sm_90 | bf16 | R32 C32 K512 w4 s3 |" in out.stdout  # the table a person reads
 
 
 def test_auto_backend_picks_torch_on_cpu_tensors():

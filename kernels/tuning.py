@@ -1,0 +1,157 @@
+"""How a kernel is configured on the card it runs on.
+
+- Each kernel ships a few configurations (tiles, warps, stages) per target:
+  sm_80 (A100) and sm_90 (H100/H200). On a GPU, Triton's autotuner times the
+  target's configurations once per problem shape and keeps the fastest;
+  under the interpreter (CI) the first one runs, and tests pick any with
+  `config=`. kernels/build.py compiles every shipped configuration for both
+  targets without a GPU.
+- A kernel walks one long dimension (the reduction) for each block of the
+  other (the parallel one). When the parallel blocks alone are too few to
+  fill the card (one rank's 2,048 images are 32 blocks of 64 rows; an H100
+  has 132 SMs), `splits` cuts the reduction into chunks, one program each,
+  whose partial results the launcher adds up. Chunks are multiples of ALIGN
+  so that every shipped tile (at most ALIGN long) covers the same ones: any
+  configuration writes every element of the partial buffers, which keeps
+  the autotuner's trial runs harmless.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.testing
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = not INTERPRET  # the interpreter runs the defaults (a test switches the autotuner on)
+TARGETS = (80, 90)
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+ALIGN = 128  # the largest tile along a split dimension
+WAVES = 2  # programs per SM the splits aim for
+MAX_SPLITS = 8  # bounds the partial buffers: at most 8 x rows x D float32
+MIN_SPLIT = 1024  # a chunk shorter than this costs more in partial sums than it gains
+
+
+def target(device: torch.device) -> int:
+    """The configuration table a device uses: 90 from Hopper on, else 80
+    (also the interpreter's: 90, whose tiles tests exercise first)."""
+    if INTERPRET or device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number
+
+
+def splits(parallel: int, reduction: int, device: torch.device, block: int = 64,
+           min_split: int = MIN_SPLIT) -> tuple[int, int]:
+    """(number of chunks, chunk length) for a reduction of `reduction` items
+    walked by each of cdiv(parallel, block) blocks. Blocks enough for every
+    SM: no cut (a partial buffer costs memory: 8 x 16,384 rows x 512 float32
+    would be 256 MB). Fewer: enough chunks for WAVES programs per SM, none
+    shorter than min_split, at most MAX_SPLITS."""
+    blocks, sms = max(1, triton.cdiv(parallel, block)), sm_count(device)
+    n = 1 if blocks >= sms else max(1, min(triton.cdiv(WAVES * sms, blocks), MAX_SPLITS, reduction // min_split))
+    return fixed_splits(reduction, n)
+
+
+def fixed_splits(reduction: int, n: int) -> tuple[int, int]:
+    """(chunks, chunk length) of `reduction` cut into at most n ALIGN-aligned chunks."""
+    length = triton.cdiv(triton.cdiv(max(reduction, 1), max(n, 1)), ALIGN) * ALIGN
+    return triton.cdiv(max(reduction, 1), length), length
+
+
+FEATURE_BLOCKS = ("BLOCK_K", "BLOCK_DO")  # chunks of the feature dimension
+
+
+POISON = False  # tests: partial buffers start as NaN, so an element a kernel leaves unwritten shows
+
+
+def partials(*shape: int, device: torch.device) -> torch.Tensor:
+    """A float32 buffer of partial sums, one slice per chunk, each element written by a kernel."""
+    if POISON:
+        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def resolve(config: dict, block_d: int) -> dict:
+    """A shipped configuration at a padded feature width: "D" (the whole width)
+    filled in, feature chunks no wider than the features."""
+    out = {k: block_d if v == "D" else v for k, v in config.items()}
+    return {k: min(v, block_d) if k in FEATURE_BLOCKS else v for k, v in out.items()}
+
+
+def _short_bench(fn, quantiles):
+    """The kernels run 0.1-10 ms and the choice is between a few: short timings."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
+
+
+# Results kept on disk where this Triton can (its cache, keyed by source,
+# configurations and shape): a restarted run or a second process does not time
+# them again. The GPU hosts' Triton may be older than the pinned one.
+_AUTOTUNE = {k: v for k, v in {"do_bench": _short_bench, "cache_results": True}.items()
+             if k in inspect.signature(triton.autotune).parameters}
+
+
+class Tuned:
+    """One Triton kernel and its shipped configurations per target.
+
+    configs: {target: [dict of constants + num_warps + num_stages]}, the
+    first of each list the default. key: the arguments whose values make a
+    new problem shape (the autotuner times the configurations once per
+    shape)."""
+
+    def __init__(self, fn, configs: dict[int, list[dict]], key: list[str]):
+        self.fn, self.configs, self.key = fn, configs, key
+        self._tuners: dict = {}
+
+    def options(self, arch: int, block_d: int) -> list[tuple[dict, dict]]:
+        """(constants, launch options) of every configuration shipped for sm_<arch>."""
+        out = []
+        for config in self.configs[arch]:
+            c = resolve(config, block_d)
+            out.append(({k: v for k, v in c.items() if k.isupper()},
+                        {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}))
+        return out
+
+    def __call__(self, grid, *args, device: torch.device, config: int | tuple[int, int] | None = None,
+                 **constants):
+        """Launch on `grid` (a function of the chosen constants). constants:
+        the kernel's own (BLOCK_D among them, the padded feature width).
+        config: run a shipped configuration instead of the autotuner's choice
+        (tests, benchmarks): an index into the device's list, or (target,
+        index); an index past the list's end takes its last. The interpreter
+        runs the first."""
+        arch, block_d = target(device), constants["BLOCK_D"]
+        if config is not None or not AUTOTUNE:
+            arch, index = config if isinstance(config, tuple) else (arch, config or 0)
+            options = self.options(arch, block_d)
+            meta, launch = options[min(index, len(options) - 1)]
+            return self.fn[grid(meta)](*args, **constants, **meta, **launch)
+        tuner = self._tuners.get((arch, block_d))
+        if tuner is None:
+            configs = [triton.Config(meta, **launch) for meta, launch in self.options(arch, block_d)]
+            tuner = self._tuners[(arch, block_d)] = triton.autotune(configs=configs, key=self.key,
+                                                                    **_AUTOTUNE)(self.fn)
+        return tuner[grid](*args, **constants)
+
+    def chosen(self) -> list[str]:
+        """What the autotuner picked so far: 'sm_90 D512 (R, NC, D, ...) -> config', one per
+        shape, and each configuration's time (ms) at the shape it tuned last."""
+        out = []
+        for (arch, block_d), tuner in self._tuners.items():
+            out += [f"sm_{arch} D{block_d} {key} -> {config}" for key, config in tuner.cache.items()]
+            timings = getattr(tuner, "configs_timings", None) or {}
+            out += [f"  last tuned: {config} {t if isinstance(t, float) else t[0]:.3f} ms"
+                    for config, t in timings.items()]
+        return out
+
+    def count(self) -> int:
+        """The longest list of configurations shipped for any target."""
+        return max(len(configs) for configs in self.configs.values())
