@@ -8,7 +8,7 @@ CPU smoke run of the same code under Triton's interpreter (tiny sizes):
 
     TRITON_INTERPRET=1 .venv/bin/python bench/kernels.py --small
 
-Any machine, no GPU: what each kernel build costs on sm_80 and sm_90
+Any machine, no GPU: what each kernel build (every shipped configuration) costs on sm_80 and sm_90
 (registers, spills, shared memory; kernels/build.py):
 
     .venv/bin/python bench/kernels.py --compile-only --json resources.json
@@ -142,9 +142,9 @@ def config_label(config: dict) -> str:
     return f"{tiles} w{config['num_warps']} s{config['num_stages']}"
 
 
-def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None, every: bool) -> None:
-    """Every kernel as the launchers run it (D = 512), for each (target, input type):
-    in its default configuration, or (every) in each one the autotuner may pick."""
+def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
+    """Every kernel as the launchers run it (D = 512), for each (target, input type),
+    in each configuration the autotuner may pick (the first: the default)."""
     import json
 
     from kernels.build import all_builds, resources
@@ -154,7 +154,7 @@ def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str
              "|---|---|---|---|---|---|---|---|---|"]
     print(lines[0] + "\n" + lines[1], flush=True)
     for arch, dtypes in builds:
-        for dtype, name, build in all_builds(arch, dtypes=(dtypes,), every=every):
+        for dtype, name, build in all_builds(arch, dtypes=(dtypes,)):
             start = time.perf_counter()
             r = {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
             records.append(r)
@@ -178,17 +178,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", help="also write the report (markdown) here")
     p.add_argument("--compile-only", action="store_true",
-                   help="no GPU needed: compile every kernel for --builds and print registers, spills "
-                        "and shared memory (kernels/build.py)")
+                   help="no GPU needed: compile every kernel in every shipped configuration for --builds "
+                        "and print registers, spills and shared memory (kernels/build.py)")
     p.add_argument("--builds", default="80:bf16,80:fp32,90:bf16,90:fp32",
                    help="compute capability:input type pairs to compile for")
     p.add_argument("--json", help="with --compile-only: also write the records here")
-    p.add_argument("--every-config", action="store_true",
-                   help="with --compile-only: each configuration shipped for the autotuner, not only the defaults")
     args = p.parse_args()
     if args.compile_only:
         return compile_table([(int(b.split(":")[0]), b.split(":")[1]) for b in args.builds.split(",")],
-                             args.json, args.out, args.every_config)
+                             args.json, args.out)
     import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,13 +28,12 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def all_builds(arch: int, D: int = 512, dtypes: tuple[str, ...] = ("bf16", "fp32"),
-               every: bool = False) -> list[tuple[str, str, tuple]]:
+def all_builds(arch: int, D: int = 512, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> list[tuple[str, str, tuple]]:
     """(dtype name, kernel name, build) of every kernel the launchers run at width D
-    on sm_<arch>: in its default configuration, or (every) in each one shipped."""
+    on sm_<arch>, in each configuration shipped for the autotuner."""
     out = []
     for name in dtypes:
-        for build in contrastive.builds(DTYPES[name], D, arch, every) + pooling.builds(DTYPES[name], D, arch, every):
+        for build in contrastive.builds(DTYPES[name], D, arch) + pooling.builds(DTYPES[name], D, arch):
             out.append((name, build[0].__name__, build))
     return out
 

@@ -281,10 +281,10 @@ def flags(dtype: torch.dtype, has_valid: bool, D: int) -> dict:
                 BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-def builds(dtype: torch.dtype, D: int, arch: int, every: bool = False, has_valid: bool = True) -> list[tuple]:
+def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> list[tuple]:
     """(kernel, argument types, constants, options) of each kernel on `dtype`
-    rows and columns of width D for sm_<arch>: its default configuration, or
-    with every=True each one shipped (what kernels/build.py compiles)."""
+    rows and columns of width D for sm_<arch>, in each configuration shipped
+    (what kernels/build.py compiles)."""
     t = tuning.POINTER[dtype]
     ints = {"R": "i32", "NC": "i32", "D": "i32", "SPLIT": "i32"}
     const = {**flags(dtype, has_valid, D), "UPCAST": False}  # UPCAST off: what a GPU runs
@@ -297,8 +297,7 @@ def builds(dtype: torch.dtype, D: int, arch: int, every: bool = False, has_valid
                 **ints}),
     ):
         kernel = tuned[_half(dtype)]
-        options = kernel.options(arch, const["BLOCK_D"])
-        for meta, launch in options if every else options[:1]:
+        for meta, launch in kernel.options(arch, const["BLOCK_D"]):
             out.append((kernel.fn, signature, {**const, **meta}, launch))
     return out
 

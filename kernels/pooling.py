@@ -95,17 +95,16 @@ def _splits(B: int, P: int, device, n_splits):
     return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT)
 
 
-def builds(dtype: torch.dtype, D: int, arch: int, every: bool = False) -> list[tuple]:
-    """(kernel, argument types, constants, options) of each kernel as the launchers
-    run it on `dtype` patches and texts of width D for sm_<arch> (see
-    kernels/build.py): its default configuration, or every one shipped."""
+def builds(dtype: torch.dtype, D: int, arch: int) -> list[tuple]:
+    """(kernel, argument types, constants, options) of each kernel on `dtype`
+    patches and texts of width D for sm_<arch>, in each configuration shipped
+    (see kernels/build.py)."""
     t = tuning.POINTER[dtype]
     ints = {"B": "i32", "P": "i32", "D": "i32", "SPLIT": "i32", "sigma": "fp32"}
     out = []
     for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
                              (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
-        options = tuned.options(arch, _block_d(D))
-        for meta, launch in options if every else options[:1]:
+        for meta, launch in tuned.options(arch, _block_d(D)):
             out.append((tuned.fn, signature, {"BLOCK_D": _block_d(D), **meta}, launch))
     return out
 
