@@ -142,26 +142,37 @@ def config_label(config: dict) -> str:
     return f"{tiles} w{config['num_warps']} s{config['num_stages']}"
 
 
-def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
-    """Every kernel as the launchers run it (D = 512), for each (target, input type),
-    in each configuration the autotuner may pick (the first: the default)."""
-    import json
-
+def _compile_one(job: tuple[int, str, int]) -> dict:
+    """Compile build `index` of (target, input type): a worker's job (a build
+    itself does not pickle: each worker lists the builds again)."""
     from kernels.build import all_builds, resources
 
-    records = []
+    arch, dtype, index = job
+    _, _, build = all_builds(arch, dtypes=(dtype,))[index]
+    start = time.perf_counter()
+    return {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
+
+
+def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
+    """Every kernel as the launchers run it (D = 512), for each (target, input type),
+    in each configuration the autotuner may pick (the first: the default);
+    compiled in one process per core."""
+    import json
+    import multiprocessing
+
+    from kernels.build import all_builds
+
+    jobs = [(arch, dtype, i) for arch, dtype in builds for i in range(len(all_builds(arch, dtypes=(dtype,))))]
     lines = ["| kernel | target | dtype | config | registers | spill bytes | shared KB | fits | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     print(lines[0] + "\n" + lines[1], flush=True)
-    for arch, dtypes in builds:
-        for dtype, name, build in all_builds(arch, dtypes=(dtypes,)):
-            start = time.perf_counter()
-            r = {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
+    records = []
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        for r in pool.imap(_compile_one, jobs):  # in order, each printed as it comes
             records.append(r)
-            lines.append(f"| {name} | {r['target']} | {dtype} | {config_label(r['config'])} | {r['registers']} | "
-                         f"{r['spill_bytes']} | "
-                         f"{r['shared_bytes'] / 1024:.0f} | {'yes' if r['shared_fits'] else 'NO'} | "
-                         f"{r['compile_s']} |")
+            lines.append(f"| {r['kernel']} | {r['target']} | {r['dtype']} | {config_label(r['config'])} | "
+                         f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+                         f"{'yes' if r['shared_fits'] else 'NO'} | {r['compile_s']} |")
             print(lines[-1], flush=True)
     if json_path:
         with open(json_path, "w") as f:
