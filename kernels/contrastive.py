@@ -105,19 +105,21 @@ def _out_tile(T, held, idx, n, d0, D, BLOCK_K: tl.constexpr, BLOCK_DO: tl.conste
 
 
 @triton.jit
-def _valid(VALID, cols, NC, HAS_VALID: tl.constexpr):
-    """Which of the columns `cols` take part."""
-    ok = cols < NC
+def _valid(VALID, cols, end, HAS_VALID: tl.constexpr):
+    """Which of the columns `cols` take part: those before `end` (the end of the
+    columns, or of this program's chunk of them) that VALID marks."""
+    ok = cols < end
     if HAS_VALID:
-        ok = ok & (tl.load(VALID + cols, mask=cols < NC, other=0) != 0)
+        ok = ok & (tl.load(VALID + cols, mask=ok, other=0) != 0)
     return ok
 
 
 @triton.jit
-def _row_stats(LSE, G, rows, R):
-    """The rows' log-sum-exp and upstream gradient; a row without any valid
+def _row_stats(LSE, G, rows, end):
+    """The rows' log-sum-exp and upstream gradient; a row at or past `end` (the
+    end of the rows, or of this program's chunk of them) or without any valid
     column (lse = -inf) gets no gradient."""
-    row_ok = rows < R
+    row_ok = rows < end
     lse = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     g = tl.where(lse == float("-inf"), 0.0, g)
@@ -143,7 +145,7 @@ def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D, SPLIT,
         cols = start + tl.arange(0, BLOCK_C)
         c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
-        logits = tl.where(_valid(VALID, cols, NC, HAS_VALID)[None, :], raw * s, float("-inf"))
+        logits = tl.where(_valid(VALID, cols, hi, HAS_VALID)[None, :], raw * s, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid column yet
         total = total * tl.exp(m - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
@@ -174,7 +176,7 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
         cols = start + tl.arange(0, BLOCK_C)
         c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
-        p = tl.where(_valid(VALID, cols, NC, HAS_VALID)[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
+        p = tl.where(_valid(VALID, cols, hi, HAS_VALID)[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
         gp = g[:, None] * p
         c_out = _out_tile(C, c, cols, NC, d0, D, BLOCK_K, BLOCK_DO, BLOCK_D)
         dx += _dot(gp.to(c_out.dtype), c_out, IEEE, UPCAST)  # bf16 columns: the weights rounded to bf16 too
@@ -203,7 +205,7 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
     dc = tl.zeros([BLOCK_C, BLOCK_DO], tl.float32)
     for start in range(lo, hi, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
-        lse, g = _row_stats(LSE, G, rows, R)
+        lse, g = _row_stats(LSE, G, rows, hi)
         x = _held(X, rows, R, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
         gp = g[:, None] * tl.where(ok[None, :], tl.exp(raw * s - lse[:, None]), 0.0)

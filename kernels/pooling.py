@@ -25,8 +25,9 @@ EPS = 1e-12  # as F.normalize
 
 
 @triton.jit
-def _patch_tile(PATCHES, b, q, d, P, D):
-    inside = (q[:, None] < P) & (d[None, :] < D)
+def _patch_tile(PATCHES, b, q, d, P, end, D):
+    """Patches q of image b (P patches each), zero at and past `end`."""
+    inside = (q[:, None] < end) & (d[None, :] < D)
     return tl.load(PATCHES + b * P * D + q[:, None] * D + d[None, :], mask=inside, other=0.0).to(tl.float32)
 
 
@@ -39,11 +40,12 @@ def _pool_forward(PATCHES, TEXT, U, B, P, D, SPLIT, sigma,
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
     u = tl.zeros([BLOCK_D], tl.float32)
     lo = split * SPLIT
-    for start in range(lo, tl.minimum(lo + SPLIT, P), BLOCK_P):
+    hi = tl.minimum(lo + SPLIT, P)
+    for start in range(lo, hi, BLOCK_P):
         q = start + tl.arange(0, BLOCK_P)
-        p = _patch_tile(PATCHES, b, q, d, P, D)
+        p = _patch_tile(PATCHES, b, q, d, P, hi, D)
         r = tl.sum(p * t[None, :], 1)
-        z = tl.where((r >= sigma) & (q < P), r, 0.0)
+        z = tl.where((r >= sigma) & (q < hi), r, 0.0)
         u += tl.sum(z[:, None] * p, 0)
     tl.store(U + (split * B + b) * D + d, u, mask=d < D)
 
@@ -59,16 +61,17 @@ def _pool_backward(PATCHES, TEXT, DU, DP, DT, B, P, D, SPLIT, sigma,
     du = tl.load(DU + b * D + d, mask=d < D, other=0.0)
     dt = tl.zeros([BLOCK_D], tl.float32)
     lo = split * SPLIT
-    for start in range(lo, tl.minimum(lo + SPLIT, P), BLOCK_P):
+    hi = tl.minimum(lo + SPLIT, P)
+    for start in range(lo, hi, BLOCK_P):
         q = start + tl.arange(0, BLOCK_P)
-        p = _patch_tile(PATCHES, b, q, d, P, D)
+        p = _patch_tile(PATCHES, b, q, d, P, hi, D)
         r = tl.sum(p * t[None, :], 1)
-        keep = (r >= sigma) & (q < P)
+        keep = (r >= sigma) & (q < hi)
         z = tl.where(keep, r, 0.0)
         dr = tl.where(keep, tl.sum(p * du[None, :], 1), 0.0)
         dp = z[:, None] * du[None, :] + dr[:, None] * t[None, :]
         tl.store(DP + b * P * D + q[:, None] * D + d[None, :], dp.to(DP.dtype.element_ty),
-                 mask=(q[:, None] < P) & (d[None, :] < D))
+                 mask=(q[:, None] < hi) & (d[None, :] < D))
         dt += tl.sum(dr[:, None] * p, 0)
     tl.store(DT + (split * B + b) * D + d, dt, mask=d < D)
 

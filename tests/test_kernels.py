@@ -139,6 +139,35 @@ def test_every_shipped_configuration_matches_dense_with_split_reductions(config,
     assert torch.equal(d_cols[~valid], torch.zeros_like(d_cols[~valid]))
 
 
+def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, poisoned):
+    """Chunks are ALIGN-aligned so tiles never straddle two, but a program
+    must not count past its chunk's end even if one did (ALIGN = 40 here,
+    against 32-wide tiles)."""
+    monkeypatch.setattr(tuning, "ALIGN", 40)
+    g = torch.Generator().manual_seed(51)
+    x, c = unit(90, 40, g=g, dtype=torch.float32), unit(100, 40, g=g, dtype=torch.float32)
+    valid = (torch.rand(100, generator=g) < 0.7).to(DEVICE)
+    s, upstream = torch.tensor([12.0], device=DEVICE), torch.randn(90, generator=g).to(DEVICE)
+    lse = lse_forward(x, c, valid, s, config=1, n_splits=3)
+    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=1, n_splits=3)
+    x64, c64, s64 = (t.double().requires_grad_() for t in (x, c, s))
+    want = objective.column_logsumexp(x64, c64, valid, s64)
+    (want * upstream.double()).sum().backward()
+    close(lse, want, 1e-5)
+    close_relative(d_rows, x64.grad, 1e-5)
+    close_relative(d_cols, c64.grad, 1e-5)
+    assert abs(d_scale.item() - s64.grad.item()) <= 1e-4 * abs(s64.grad.item())
+    p, t = unit(2, 100, 24, g=g).float(), unit(2, 24, g=g).float()
+    e, norm = pool_forward(p, t, 0.0, config=1, n_splits=3)  # 32-patch tiles, chunks of 40
+    dp, dt = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), config=1, n_splits=3)
+    p64, t64 = p.double().requires_grad_(), t.double().requires_grad_()
+    want_e = objective.knowledge_embedding(p64, t64, 0.0)
+    want_e.sum().backward()
+    close(e, want_e, 1e-6)
+    close(dp, p64.grad, 2e-6)
+    close(dt, t64.grad, 2e-6)
+
+
 def test_the_autotuner_times_every_configuration_and_keeps_one(monkeypatch):
     """The launch path a GPU takes (Triton's autotuner over the shipped
     configurations, the grid from the chosen constants), run by the
