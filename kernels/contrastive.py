@@ -280,7 +280,7 @@ def _half(dtype: torch.dtype) -> bool:
 def flags(dtype: torch.dtype, has_valid: bool, D: int) -> dict:
     """The constants every kernel takes besides its configuration."""
     return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=tuning.INTERPRET,
-                BLOCK_D=max(16, triton.next_power_of_2(D)))
+                BLOCK_D=tuning.block_d(D))
 
 
 def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> list[tuple]:
@@ -313,7 +313,7 @@ def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=No
     out = torch.empty(R, device=rows.device, dtype=torch.float32) if out is None else out
     if R == 0:  # a rank without samples: nothing to launch
         return out
-    n, length = tuning.splits(R, NC, rows.device) if n_splits is None else tuning.fixed_splits(NC, n_splits)
+    n, length = tuning.splits(R, NC, rows.device, n=n_splits)
     part = out[None] if n == 1 else tuning.partials(n, R, device=rows.device)
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
     FORWARD[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n), rows, cols, dummy, part, scale,
@@ -334,12 +334,10 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
     if R == 0 or NC == 0:  # no row or no column: every gradient is 0
         return d_rows.zero_(), d_cols.zero_(), torch.zeros((), device=rows.device)
-    cut = (lambda parallel, reduction: tuning.splits(parallel, reduction, rows.device)) if n_splits is None \
-        else (lambda parallel, reduction: tuning.fixed_splits(reduction, n_splits))
     common = dict(device=rows.device, config=config, **flags(rows.dtype, valid is not None, D))
     dummy = valid if valid is not None else lse
     # Row gradients (and the scale's, per row): the columns cut into chunks.
-    n, length = cut(R, NC)
+    n, length = tuning.splits(R, NC, rows.device, n=n_splits)
     dx = d_rows[None] if n == 1 else tuning.partials(n, R, D, device=rows.device)
     ds = tuning.partials(n, R, device=rows.device)
     ROWS[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n, triton.cdiv(D, m["BLOCK_DO"])),
@@ -347,7 +345,7 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     if n > 1:
         d_rows.copy_(dx.sum(0))
     # Column gradients: the rows cut into chunks.
-    n, length = cut(NC, R)
+    n, length = tuning.splits(NC, R, rows.device, n=n_splits)
     dc = d_cols[None] if n == 1 else tuning.partials(n, NC, D, device=rows.device)
     COLS[_half(rows.dtype)](lambda m: (triton.cdiv(NC, m["BLOCK_C"]), n, triton.cdiv(D, m["BLOCK_DO"])),
                             rows, cols, dummy, lse, grad, dc, scale, R, NC, D, length, **common)

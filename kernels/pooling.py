@@ -88,14 +88,8 @@ BACKWARD = tuning.Tuned(_pool_backward, {80: BACKWARD_CONFIGS, 90: BACKWARD_CONF
 MIN_SPLIT = 64  # patches per chunk at least (an image has 196 at ViT-B/16, 224 px)
 
 
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def _splits(B: int, P: int, device, n_splits):
-    if n_splits is not None:
-        return tuning.fixed_splits(P, n_splits)
-    return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT)
+    return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT, n=n_splits)
 
 
 def builds(dtype: torch.dtype, D: int, arch: int) -> list[tuple]:
@@ -107,8 +101,8 @@ def builds(dtype: torch.dtype, D: int, arch: int) -> list[tuple]:
     out = []
     for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
                              (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
-        for meta, launch in tuned.options(arch, _block_d(D)):
-            out.append((tuned.fn, signature, {"BLOCK_D": _block_d(D), **meta}, launch))
+        for meta, launch in tuned.options(arch, tuning.block_d(D)):
+            out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), **meta}, launch))
     return out
 
 
@@ -120,7 +114,7 @@ def pool_forward(patches, text, sigma: float, config=None, n_splits=None):
     n, length = _splits(B, P, patches.device, n_splits)
     u = tuning.partials(n, B, D, device=patches.device)
     FORWARD(lambda m: (B, n), patches, text, u, B, P, D, length, float(sigma), device=patches.device,
-            config=config, BLOCK_D=_block_d(D))
+            config=config, BLOCK_D=tuning.block_d(D))
     u = u.sum(0)
     norm = u.norm(dim=1)
     return u / norm.clamp_min(EPS)[:, None], norm
@@ -139,7 +133,7 @@ def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, 
     n, length = _splits(B, P, patches.device, n_splits)
     dt = tuning.partials(n, B, D, device=patches.device)
     BACKWARD(lambda m: (B, n), patches, text, du, d_patches, dt, B, P, D, length, float(sigma),
-             device=patches.device, config=config, BLOCK_D=_block_d(D))
+             device=patches.device, config=config, BLOCK_D=tuning.block_d(D))
     return d_patches, dt.sum(0).to(text.dtype)
 
 

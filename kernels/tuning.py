@@ -50,12 +50,15 @@ def sm_count(device: torch.device) -> int:
 
 
 def splits(parallel: int, reduction: int, device: torch.device, block: int = 64,
-           min_split: int = MIN_SPLIT) -> tuple[int, int]:
+           min_split: int = MIN_SPLIT, n: int | None = None) -> tuple[int, int]:
     """(number of chunks, chunk length) for a reduction of `reduction` items
     walked by each of cdiv(parallel, block) blocks. Blocks enough for every
     SM: no cut (a partial buffer costs memory: 8 x 16,384 rows x 512 float32
     would be 256 MB). Fewer: enough chunks for WAVES programs per SM, none
-    shorter than min_split, at most MAX_SPLITS."""
+    shorter than min_split, at most MAX_SPLITS. n: at most n chunks instead
+    (tests, benchmarks)."""
+    if n is not None:
+        return fixed_splits(reduction, n)
     blocks, sms = max(1, triton.cdiv(parallel, block)), sm_count(device)
     n = 1 if blocks >= sms else max(1, min(triton.cdiv(WAVES * sms, blocks), MAX_SPLITS, reduction // min_split))
     return fixed_splits(reduction, n)
@@ -68,6 +71,11 @@ def fixed_splits(reduction: int, n: int) -> tuple[int, int]:
 
 
 FEATURE_BLOCKS = ("BLOCK_K", "BLOCK_DO")  # chunks of the feature dimension
+
+
+def block_d(D: int) -> int:
+    """The padded feature width a program's tiles span (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 POISON = False  # tests: partial buffers start as NaN, so an element a kernel leaves unwritten shows

@@ -94,7 +94,7 @@ def shipped(*family: tuning.Tuned, D: int = 160) -> list[tuple[int, int]]:
     """(target, index) of each distinct set of configurations the launchers can run
     for a family of kernels (an index past a kernel's list takes its last)."""
     seen, out = set(), []
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = tuning.block_d(D)
     for arch in tuning.TARGETS:
         for i in range(max(k.count() for k in family)):
             picked = tuple(str(k.options(arch, block_d)[min(i, len(k.configs[arch]) - 1)]) for k in family)
