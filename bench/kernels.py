@@ -20,7 +20,9 @@ What it does, at local batch B = 2048, N = 11 slots, D = 512, P = 196 patches:
    beyond inputs and gradients) of forward + backward of
    `contrastive_numerators`, with the columns of 1, 8 and 32 ranks (the other
    ranks' columns random), for dense fp32 (the baseline), kernels bf16 and fp32;
-3. similarity-weighted patch pooling forward + backward in bf16.
+3. similarity-weighted patch pooling forward + backward in bf16;
+4. the configurations the autotuner chose;
+5. the kernels on tensors past 2^31 elements (64-bit offsets), against the dense path.
 Targets (issue "Kernels", on an H100): loss <= 1.5 ms at 1 rank and <= 15 ms at
 32 ranks with extra memory <= 64 MB; pooling <= 0.6 ms.
 """
@@ -264,12 +266,66 @@ def main() -> None:
                   pooling.FORWARD, pooling.BACKWARD]:
         lines += [f"- {tuned.fn.__name__}: {choice}" for choice in tuned.chosen()]
 
+    write_report(lines, args.out)
+    if device == "cuda" and not args.small:  # last: what came before is written already
+        try:
+            lines += ["", *past_int32(D, P)]
+        except Exception as e:  # a failure here is a finding to report, not a reason to lose the rest
+            lines += ["", f"past 2^31 elements: FAILED ({type(e).__name__}: {e})"]
+        write_report(lines, args.out)
+
+
+def write_report(lines: list[str], out: str | None) -> None:
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    print(report, flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             f.write(report + "\n")
+
+
+def past_int32(D: int, P: int, tail: int = 4096, device: str = "cuda", elements: int = 2**31) -> list[str]:
+    """Kernels on tensors of more than 2^31 elements (their offsets need 64 bits): the
+    columns of some 200 ranks, and a batch of patches that large, in bf16, against
+    the dense path in float32 on what lies past 2^31 (all of the log-sum-exps and
+    row gradients, the last `tail` columns' gradients, the last 8 images).
+    device, elements: a smaller dry run (elements in place of 2^31, wide forced)."""
+    import kernels
+
+    g = torch.Generator(device=device).manual_seed(5)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g, device=device), dim=-1).bfloat16()  # noqa: E731
+    R, NC = 128, elements // D + 2 * tail
+    rows, cols = unit(R, D).requires_grad_(), unit(NC, D).requires_grad_()
+    s, upstream = torch.tensor(30.0, device=device), torch.randn(R, generator=g, device=device)
+    assert elements < 2**31 or kernels.tuning.wide(None, cols)
+    lse = kernels.column_logsumexp(rows, cols, None, s)
+    lse.backward(upstream)
+    # dense, a million columns at a time
+    x, chunks = rows.detach().float(), [cols.detach()[i:i + 2**20].float() for i in range(0, NC, 2**20)]
+    want = torch.logsumexp(torch.cat([torch.logsumexp(s * x @ c.T, 1, keepdim=True) for c in chunks], 1), 1)
+    weights = lambda c: upstream[:, None] * torch.exp(s * x @ c.T - want[:, None])  # noqa: E731  (R, len(c))
+    d_rows = s * sum(weights(c) @ c for c in chunks)
+    d_last = s * weights(chunks[-1][-tail:]).T @ x
+    del chunks
+    out = [f"Past 2^31 elements (bf16 vs dense float32): {NC:,} columns x {D} = {NC * D:,} elements",
+           "| check | rel. error |", "|---|---|",
+           f"| log-sum-exp of {R} rows | {rel_err(lse, want):.1e} |",
+           f"| row gradients | {rel_err(rows.grad, d_rows):.1e} |",
+           f"| gradients of the last {tail} columns | {rel_err(cols.grad[-tail:], d_last):.1e} |"]
+    del rows, cols, lse
+    torch.cuda.empty_cache()
+    B = elements // (P * D) + 8
+    patches, text = unit(B, P, D).requires_grad_(), unit(B, D).requires_grad_()
+    upstream = torch.randn(B, D, generator=g, device=device)
+    e = kernels.knowledge_embedding(patches, text, 0.0)
+    (e * upstream).sum().backward()
+    p8, t8 = patches.detach()[-8:].float().requires_grad_(), text.detach()[-8:].float().requires_grad_()
+    e8 = objective.knowledge_embedding(p8, t8, 0.0)
+    (e8 * upstream[-8:]).sum().backward()
+    out += [f"| pooling, {B:,} x {P} x {D} patches: the last 8 images' embeddings | {rel_err(e[-8:], e8):.1e} |",
+            f"| their patch gradients | {rel_err(patches.grad[-8:], p8.grad):.1e} |",
+            f"| their text gradients | {rel_err(text.grad[-8:], t8.grad):.1e} |"]
+    return out
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _index(first, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """first .. first + BLOCK - 1, the rows or columns a program takes; 64-bit when
+    WIDE, so every offset computed from them is (tensors of 2^31 elements or more:
+    the columns of some 200 ranks at D = 512). 32-bit otherwise: 64-bit tiles of
+    offsets cost registers, and the streamed-D backward builds spilled with them."""
+    idx = first + tl.arange(0, BLOCK)
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
 def _tile(T, idx, n, k, D, BLOCK: tl.constexpr):
     """T[idx, k:k + BLOCK] as (len(idx), BLOCK), zero outside the tensor."""
     d = k + tl.arange(0, BLOCK)
@@ -130,10 +142,10 @@ def _row_stats(LSE, G, rows, end):
 @triton.jit
 def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D, SPLIT,
                  HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """LSE[split, r]: log-sum-exp of row r over the valid columns of chunk `split`
     ([split * SPLIT, (split + 1) * SPLIT)), -inf if it has none."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _index(tl.program_id(0) * BLOCK_R, BLOCK_R, WIDE)
     split = tl.program_id(1)
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, NC)
@@ -142,7 +154,7 @@ def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D, SPLIT,
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
+        cols = _index(start, BLOCK_C, WIDE)
         c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
         logits = tl.where(_valid(VALID, cols, hi, HAS_VALID)[None, :], raw * s, float("-inf"))
@@ -157,12 +169,12 @@ def _lse_forward(X, C, VALID, LSE, SCALE, R, NC, D, SPLIT,
 @triton.jit
 def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
                        HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                       WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_DO: tl.constexpr):
     """Over the columns of chunk `split` and the features [d0, d0 + BLOCK_DO):
     DX[split, r, d] = s sum_c g_r p_rc cols_c[d];  DS[split, r] = g_r sum_c p_rc (rows_r . cols_c)
     (written by the programs of the first feature chunk)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = _index(tl.program_id(0) * BLOCK_R, BLOCK_R, WIDE)
     split = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_DO
     lo = split * SPLIT
@@ -173,7 +185,7 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
     dx = tl.zeros([BLOCK_R, BLOCK_DO], tl.float32)
     ds = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
+        cols = _index(start, BLOCK_C, WIDE)
         c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
         p = tl.where(_valid(VALID, cols, hi, HAS_VALID)[None, :], tl.exp(raw * s - lse[:, None]), 0.0)
@@ -182,7 +194,7 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
         dx += _dot(gp.to(c_out.dtype), c_out, IEEE, UPCAST)  # bf16 columns: the weights rounded to bf16 too
         ds += tl.sum(gp * raw, 1)
     d = d0 + tl.arange(0, BLOCK_DO)
-    tl.store(DX + split * R * D + rows[:, None] * D + d[None, :], (dx * s).to(DX.dtype.element_ty),
+    tl.store(DX + (split * R + rows)[:, None] * D + d[None, :], (dx * s).to(DX.dtype.element_ty),
              mask=(rows[:, None] < R) & (d[None, :] < D))
     tl.store(DS + split * R + rows, ds, mask=(rows < R) & (d0 == 0))
 
@@ -190,11 +202,11 @@ def _lse_backward_rows(X, C, VALID, LSE, G, DX, DS, SCALE, R, NC, D, SPLIT,
 @triton.jit
 def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
                        HAS_VALID: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                       WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_DO: tl.constexpr):
     """Over the rows of chunk `split` and the features [d0, d0 + BLOCK_DO):
     DC[split, c, d] = s sum_r g_r p_rc rows_r[d] (0 for invalid columns)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = _index(tl.program_id(0) * BLOCK_C, BLOCK_C, WIDE)
     split = tl.program_id(1)
     d0 = tl.program_id(2) * BLOCK_DO
     lo = split * SPLIT
@@ -204,7 +216,7 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
     c = _held(C, cols, NC, D, BLOCK_K, BLOCK_D)
     dc = tl.zeros([BLOCK_C, BLOCK_DO], tl.float32)
     for start in range(lo, hi, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
+        rows = _index(start, BLOCK_R, WIDE)
         lse, g = _row_stats(LSE, G, rows, hi)
         x = _held(X, rows, R, D, BLOCK_K, BLOCK_D)
         raw = _raw_logits(X, C, x, c, rows, cols, R, NC, D, IEEE, UPCAST, BLOCK_K, BLOCK_D)
@@ -212,7 +224,7 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
         x_out = _out_tile(X, x, rows, R, d0, D, BLOCK_K, BLOCK_DO, BLOCK_D)
         dc += _dot(tl.trans(gp).to(x_out.dtype), x_out, IEEE, UPCAST)
     d = d0 + tl.arange(0, BLOCK_DO)
-    tl.store(DC + split * NC * D + cols[:, None] * D + d[None, :], (dc * s).to(DC.dtype.element_ty),
+    tl.store(DC + (split * NC + cols)[:, None] * D + d[None, :], (dc * s).to(DC.dtype.element_ty),
              mask=(cols[:, None] < NC) & (d[None, :] < D))
 
 
@@ -277,10 +289,11 @@ def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def flags(dtype: torch.dtype, has_valid: bool, D: int) -> dict:
-    """The constants every kernel takes besides its configuration."""
+def flags(dtype: torch.dtype, has_valid: bool, D: int, wide: bool = False) -> dict:
+    """The constants every kernel takes besides its configuration. wide: 64-bit
+    offsets (some tensor of the launch has 2^31 elements or more)."""
     return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=tuning.INTERPRET,
-                BLOCK_D=tuning.block_d(D))
+                BLOCK_D=tuning.block_d(D), WIDE=wide)
 
 
 def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> list[tuple]:
@@ -304,10 +317,11 @@ def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> lis
     return out
 
 
-def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=None):
+def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=None, wide=None):
     """(R,) log-sum-exp of each row. config: a shipped configuration's index
     (default: the autotuner's choice); n_splits: cut the columns into at most
-    that many chunks (default: tuning.splits)."""
+    that many chunks (default: tuning.splits); wide: 64-bit offsets (default:
+    when a tensor has 2^31 elements or more)."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
     (R, D), NC = rows.shape, cols.shape[0]
     out = torch.empty(R, device=rows.device, dtype=torch.float32) if out is None else out
@@ -318,15 +332,16 @@ def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=No
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
     FORWARD[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n), rows, cols, dummy, part, scale,
                                R, NC, D, length, device=rows.device, config=config,
-                               **flags(rows.dtype, valid is not None, D))
+                               **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols)))
     if n > 1:
         torch.logsumexp(part, 0, out=out)
     return out
 
 
-def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=None, config=None, n_splits=None):
-    """Gradients of sum_r grad_r lse_r: (d_rows, d_cols, d_scale). config and
-    n_splits as lse_forward (n_splits for both kernels)."""
+def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=None, config=None, n_splits=None,
+                 wide=None):
+    """Gradients of sum_r grad_r lse_r: (d_rows, d_cols, d_scale). config,
+    n_splits and wide as lse_forward (for both kernels)."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
     (R, D), NC = rows.shape, cols.shape[0]
     grad = grad.float().contiguous()
@@ -334,21 +349,23 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
     if R == 0 or NC == 0:  # no row or no column: every gradient is 0
         return d_rows.zero_(), d_cols.zero_(), torch.zeros((), device=rows.device)
-    common = dict(device=rows.device, config=config, **flags(rows.dtype, valid is not None, D))
+    common = dict(device=rows.device, config=config)
     dummy = valid if valid is not None else lse
     # Row gradients (and the scale's, per row): the columns cut into chunks.
     n, length = tuning.splits(R, NC, rows.device, n=n_splits)
     dx = d_rows[None] if n == 1 else tuning.partials(n, R, D, device=rows.device)
     ds = tuning.partials(n, R, device=rows.device)
     ROWS[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n, triton.cdiv(D, m["BLOCK_DO"])),
-                            rows, cols, dummy, lse, grad, dx, ds, scale, R, NC, D, length, **common)
+                            rows, cols, dummy, lse, grad, dx, ds, scale, R, NC, D, length, **common,
+                            **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols, dx)))
     if n > 1:
         d_rows.copy_(dx.sum(0))
     # Column gradients: the rows cut into chunks.
     n, length = tuning.splits(NC, R, rows.device, n=n_splits)
     dc = d_cols[None] if n == 1 else tuning.partials(n, NC, D, device=rows.device)
     COLS[_half(rows.dtype)](lambda m: (triton.cdiv(NC, m["BLOCK_C"]), n, triton.cdiv(D, m["BLOCK_DO"])),
-                            rows, cols, dummy, lse, grad, dc, scale, R, NC, D, length, **common)
+                            rows, cols, dummy, lse, grad, dc, scale, R, NC, D, length, **common,
+                            **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols, dc)))
     if n > 1:
         d_cols.copy_(dc.sum(0))
     return d_rows, d_cols, ds.sum()

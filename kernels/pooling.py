@@ -32,10 +32,20 @@ def _patch_tile(PATCHES, b, q, d, P, end, D):
 
 
 @triton.jit
+def _image(WIDE: tl.constexpr):
+    """This program's image: 64-bit when WIDE, so the offsets of its patches are
+    (a batch of patches of 2^31 elements or more); 32-bit otherwise (fewer registers)."""
+    b = tl.program_id(0)
+    if WIDE:
+        b = b.to(tl.int64)
+    return b
+
+
+@triton.jit
 def _pool_forward(PATCHES, TEXT, U, B, P, D, SPLIT, sigma,
-                  BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+                  BLOCK_D: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
     """U[split, b] = sum over the patches q of chunk `split` of z_q p_q."""
-    b, split = tl.program_id(0), tl.program_id(1)
+    b, split = _image(WIDE), tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
     u = tl.zeros([BLOCK_D], tl.float32)
@@ -52,10 +62,10 @@ def _pool_forward(PATCHES, TEXT, U, B, P, D, SPLIT, sigma,
 
 @triton.jit
 def _pool_backward(PATCHES, TEXT, DU, DP, DT, B, P, D, SPLIT, sigma,
-                   BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+                   BLOCK_D: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Given du = dL/du: DP[b, q] = z_q du + (du . p_q)[kept] t for the patches of
     chunk `split`; DT[split, b] = their sum of (du . p_q)[kept] p_q."""
-    b, split = tl.program_id(0), tl.program_id(1)
+    b, split = _image(WIDE), tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
     du = tl.load(DU + b * D + d, mask=d < D, other=0.0)
@@ -102,26 +112,28 @@ def builds(dtype: torch.dtype, D: int, arch: int) -> list[tuple]:
     for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
                              (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
         for meta, launch in tuned.options(arch, tuning.block_d(D)):
-            out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), **meta}, launch))
+            out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), "WIDE": False, **meta}, launch))
     return out
 
 
-def pool_forward(patches, text, sigma: float, config=None, n_splits=None):
-    """(e, |u|): the knowledge embeddings (B, D) float32 and the pooled sums' norms (B,)."""
+def pool_forward(patches, text, sigma: float, config=None, n_splits=None, wide=None):
+    """(e, |u|): the knowledge embeddings (B, D) float32 and the pooled sums' norms (B,).
+    wide: 64-bit offsets (default: when the patches have 2^31 elements or more)."""
     B, P, D = patches.shape
     if B == 0:  # a rank without samples: nothing to launch
         return patches.new_zeros(0, D, dtype=torch.float32), patches.new_zeros(0, dtype=torch.float32)
     n, length = _splits(B, P, patches.device, n_splits)
     u = tuning.partials(n, B, D, device=patches.device)
     FORWARD(lambda m: (B, n), patches, text, u, B, P, D, length, float(sigma), device=patches.device,
-            config=config, BLOCK_D=tuning.block_d(D))
+            config=config, BLOCK_D=tuning.block_d(D), WIDE=tuning.wide(wide, patches))
     u = u.sum(0)
     norm = u.norm(dim=1)
     return u / norm.clamp_min(EPS)[:, None], norm
 
 
-def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, config=None, n_splits=None):
-    """(d_patches, d_text) from the upstream gradient of e."""
+def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, config=None, n_splits=None,
+                  wide=None):
+    """(d_patches, d_text) from the upstream gradient of e (wide: as pool_forward)."""
     B, P, D = patches.shape
     d_patches = torch.empty_like(patches) if d_patches is None else d_patches
     if B == 0:
@@ -133,7 +145,7 @@ def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, 
     n, length = _splits(B, P, patches.device, n_splits)
     dt = tuning.partials(n, B, D, device=patches.device)
     BACKWARD(lambda m: (B, n), patches, text, du, d_patches, dt, B, P, D, length, float(sigma),
-             device=patches.device, config=config, BLOCK_D=tuning.block_d(D))
+             device=patches.device, config=config, BLOCK_D=tuning.block_d(D), WIDE=tuning.wide(wide, patches))
     return d_patches, dt.sum(0).to(text.dtype)
 
 

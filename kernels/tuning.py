@@ -81,6 +81,12 @@ def block_d(D: int) -> int:
 POISON = False  # tests: partial buffers start as NaN, so an element a kernel leaves unwritten shows
 
 
+def wide(asked: bool | None, *tensors: torch.Tensor) -> bool:
+    """Whether a launch needs 64-bit offsets: as asked, or when one of its tensors
+    has 2^31 elements or more (32-bit offsets would wrap)."""
+    return asked if asked is not None else any(t.numel() >= 2**31 for t in tensors)
+
+
 def partials(*shape: int, device: torch.device) -> torch.Tensor:
     """A float32 buffer of partial sums, one slice per chunk, each element written by a kernel."""
     if POISON:
@@ -135,9 +141,11 @@ class Tuned:
         config: run a shipped configuration instead of the autotuner's choice
         (tests, benchmarks): an index into the device's list, or (target,
         index); an index past the list's end takes its last. The interpreter
-        runs the first."""
+        runs the first, and so does a launch with 64-bit offsets (WIDE): of
+        those builds only the first configurations are spill-free
+        (docs/BENCHMARKS.md)."""
         arch, block_d = target(device), constants["BLOCK_D"]
-        if config is not None or not AUTOTUNE:
+        if config is not None or not AUTOTUNE or constants.get("WIDE"):
             arch, index = config if isinstance(config, tuple) else (arch, config or 0)
             options = self.options(arch, block_d)
             meta, launch = options[min(index, len(options) - 1)]

@@ -12,7 +12,11 @@ image, one column per class or prompt (softmax of 100 x cosine, the paper's
 zero-shot scale), or columns 0..D-1 of the embedding.
 
 The weights travel as the open_clip export (`open_clip_config.json` +
-weights), so the model also loads with open_clip alone.
+weights), so the model also loads with open_clip alone. The model's code
+travels as MLflow's "model from code" (make_dist/serving_entry.py, run at
+load), not as a pickle; an input example (one small image and two classes)
+shows a caller the request and is checked by MLflow against the model at
+logging.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from .evaluate.paper import CLASSIFY_SCALE, class_embeddings
 
 WEIGHTS_ARTIFACT = "open_clip"  # the export folder, inside the MLflow model
+ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving_entry.py")  # MLflow runs it at load
 
 
 class ZeroShotModel(mlflow.pyfunc.PythonModel):
@@ -88,13 +93,25 @@ def log_model(run, export_dir: str, register: str | None = None, metrics: dict[s
         fs.get(path.rstrip("/") + "/", local, recursive=True)
         info = mlflow.models.Model.log(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run.id,
-            python_model=ZeroShotModel(), artifacts={WEIGHTS_ARTIFACT: local}, signature=signature(),
-            registered_model_name=register, step=step,
+            python_model=ENTRY, artifacts={WEIGHTS_ARTIFACT: local}, signature=signature(),
+            input_example=input_example(), registered_model_name=register, step=step,
             pip_requirements=_requirements())
-    if metrics:
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step, run_id=run.id,
-                           model_id=info.model_id)
+    # MLflow links the run's metrics at `step` to the model; one absent there (a last
+    # evaluation at another step) is linked here.
+    linked = {m.key for m in mlflow.get_logged_model(info.model_id).metrics or []}
+    missing = {k: v for k, v in (metrics or {}).items() if v == v and k not in linked}
+    if missing:
+        mlflow.log_metrics(missing, step=step, run_id=run.id, model_id=info.model_id)
     return info.model_uri
+
+
+def input_example() -> tuple[pd.DataFrame, dict]:
+    """A request as a caller sends it: one encoded image (a plain 32-px PNG) and two classes."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 150, 130)).save(png, format="PNG")
+    return pd.DataFrame({"image": [png.getvalue()]}), {"classes": ["psoriasis", "eczema"]}
 
 
 def _requirements() -> list[str]:

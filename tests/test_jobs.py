@@ -2,6 +2,7 @@
 jobs/sweep.py, as a user runs it, and the shipped sweeps. (`ray job submit` of
 jobs/pretrain.py runs on two nodes in test_object_storage.py.)"""
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def tiny(tiny_shards, db, storage) -> list[str]:
             f"evaluation.retrieval_table={synth}/eval/retrieval.csv", f"evaluation.images_root={synth}",
             f"tracking.uri=sqlite:///{db}", f"sweep.storage={storage}"]
     return [arg for key in keys for arg in ("--set", key)]
+
+
+# As docs/cluster.md tells a cluster's user who checkpoints every few seconds:
+# Ray Train's controller collects the workers' reports 4 times a second, not every 2 s.
+FAST_REPORTS = ["--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})]
 
 
 def sweep_runs(db, name):
@@ -64,15 +70,16 @@ def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
 
 
 def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, tiny_shards, ray_head):
-    """configs/sweep_lr_lambda.yaml as shipped (200 steps, checkpoints every 20,
-    evaluations every 50, ASHA), through `ray job submit`; one draw of the
-    learning rate per lambda (3 trials), two at a time."""
+    """configs/sweep_lr_lambda.yaml as shipped (checkpoints every 20,
+    evaluations every 50, ASHA from step 50) but 100 steps, not 200, through
+    `ray job submit`; one draw of the learning rate per lambda (3 trials),
+    two at a time."""
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     job = run_command(
-        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, *FAST_REPORTS, "--",
          "python", "jobs/sweep.py", "--config", "configs/sweep_lr_lambda.yaml", *tiny(tiny_shards, db, tmp_path),
-         "--set", "sweep.samples=1", "--set", "sweep.max_concurrent=2"],
+         "--set", "sweep.samples=1", "--set", "sweep.max_concurrent=2", "--set", "train.steps=100"],
         env=env)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "3 trials (0 failed" in job.stdout
@@ -81,15 +88,15 @@ def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, 
     for t in trials:  # finished, or stopped by ASHA at an evaluation and marked so
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "eval/classify/top1")]
         if t.info.status == "FINISHED":
-            assert steps == [50, 100, 150, 200]
+            assert steps == [50, 100]
         else:
-            assert t.info.status == "KILLED" and steps[-1] < 200 and "ASHA" in t.data.tags["make_dist.stopped"]
+            assert t.info.status == "KILLED" and steps == [50] and "ASHA" in t.data.tags["make_dist.stopped"]
 
 
 def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards, ray_head):
-    """3 trials in the order lambda 0, 1, 2: each adds about ln(batch) more
-    of the fine-grained term to the total loss, so at step 3 each later trial
-    is below the median of those before it, and ASHA stops it there.
+    """2 trials in the order lambda 0, 2: the second adds about 2 ln(batch) of
+    the fine-grained term to the total loss, so at step 3 it is below the
+    first, and ASHA stops it there.
     With another Ray running on the machine (ray_head): the embedded sweep's
     workers once lost track of their own cluster, a stopped trial's CPUs were
     never freed and the last trial waited forever."""
@@ -98,16 +105,16 @@ def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards
     sweep.write_text(yaml.safe_dump({
         "base": str(repo_root / "configs/tiny.yaml"),
         "set": ["train.steps=6", "train.checkpoint_every=2", "evaluation.every_steps=3"],
-        "space": {"loss.lam": {"grid": [0.0, 1.0, 2.0]}},
+        "space": {"loss.lam": {"grid": [0.0, 2.0]}},
         "metric": "loss/total", "mode": "min", "scheduler": "asha",
         "asha": {"grace_period": 3, "reduction_factor": 2}, "name": "asha",
     }))
     out = run_command([BIN / "make-dist", "sweep", "--config", sweep, *tiny(tiny_shards, db, tmp_path / "runs")])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "3 trials (0 failed, 2 stopped early)" in out.stdout
+    assert "2 trials (0 failed, 1 stopped early)" in out.stdout
     client, parent, trials = sweep_runs(db, "asha")
     status = sorted((float(t.data.params["loss.lam"]), t.info.status) for t in trials)
-    assert status == [(0.0, "FINISHED"), (1.0, "KILLED"), (2.0, "KILLED")]
+    assert status == [(0.0, "FINISHED"), (2.0, "KILLED")]
     for t in trials:
         if t.info.status == "KILLED":
             assert t.data.tags["make_dist.stopped"].startswith("early: stopped by ASHA at step 3")

@@ -139,17 +139,19 @@ def test_every_shipped_configuration_matches_dense_with_split_reductions(config,
     assert torch.equal(d_cols[~valid], torch.zeros_like(d_cols[~valid]))
 
 
-def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, poisoned):
+@pytest.mark.parametrize("wide", [False, True], ids=["32-bit", "64-bit"])
+def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, poisoned, wide):
     """Chunks are ALIGN-aligned so tiles never straddle two, but a program
     must not count past its chunk's end even if one did (ALIGN = 40 here,
-    against 32-wide tiles)."""
+    against 32-wide tiles). With 64-bit offsets too: what a launch past 2^31
+    elements computes (bench/kernels.py checks such a launch on a GPU)."""
     monkeypatch.setattr(tuning, "ALIGN", 40)
     g = torch.Generator().manual_seed(51)
     x, c = unit(90, 40, g=g, dtype=torch.float32), unit(100, 40, g=g, dtype=torch.float32)
     valid = (torch.rand(100, generator=g) < 0.7).to(DEVICE)
     s, upstream = torch.tensor([12.0], device=DEVICE), torch.randn(90, generator=g).to(DEVICE)
-    lse = lse_forward(x, c, valid, s, config=1, n_splits=3)
-    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=1, n_splits=3)
+    lse = lse_forward(x, c, valid, s, config=1, n_splits=3, wide=wide)
+    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=1, n_splits=3, wide=wide)
     x64, c64, s64 = (t.double().requires_grad_() for t in (x, c, s))
     want = objective.column_logsumexp(x64, c64, valid, s64)
     (want * upstream.double()).sum().backward()
@@ -158,8 +160,8 @@ def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, po
     close_relative(d_cols, c64.grad, 1e-5)
     assert abs(d_scale.item() - s64.grad.item()) <= 1e-4 * abs(s64.grad.item())
     p, t = unit(2, 100, 24, g=g).float(), unit(2, 24, g=g).float()
-    e, norm = pool_forward(p, t, 0.0, config=1, n_splits=3)  # 32-patch tiles, chunks of 40
-    dp, dt = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), config=1, n_splits=3)
+    e, norm = pool_forward(p, t, 0.0, config=1, n_splits=3, wide=wide)  # 32-patch tiles, chunks of 40
+    dp, dt = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), config=1, n_splits=3, wide=wide)
     p64, t64 = p.double().requires_grad_(), t.double().requires_grad_()
     want_e = objective.knowledge_embedding(p64, t64, 0.0)
     want_e.sum().backward()
@@ -221,6 +223,14 @@ def test_splits_fill_the_card_only_when_the_blocks_are_few():
         assert tuning.splits(22528, 2048, cuda) == (1, 2048)
         assert tuning.splits(16384, 2048, cuda)[0] == 1  # 256 blocks of 64: no partial buffer of 16,384 rows
         assert tuning.splits(2048, 1500, cuda)[0] == 1  # chunks shorter than MIN_SPLIT are not worth it
+
+
+def test_64_bit_offsets_only_past_2_to_the_31_elements():
+    """Views of 2^31 elements (no memory behind them): the columns of 200 ranks at
+    D = 512 take 64-bit offsets, one element fewer does not; a launch may insist."""
+    big, under = torch.zeros(1).expand(2**31), torch.zeros(1).expand(2**31 - 1)
+    assert tuning.wide(None, under, big) and not tuning.wide(None, under)
+    assert tuning.wide(True, under) and not tuning.wide(False, big)
 
 
 def close_relative(a, b, tol):

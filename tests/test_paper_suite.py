@@ -235,15 +235,19 @@ def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path):
     assert "paper/results.json" in {a.path for a in client.list_artifacts(run.info.run_id, "paper")}
 
 
-def test_training_that_names_an_empty_suite_folder_fails_before_ray(tiny_shards, tmp_path):
+def test_training_that_names_an_empty_or_missing_suite_folder_fails_before_ray(tiny_shards, tmp_path):
     from make_dist.config import load_config
     from make_dist.train.launch import check
 
-    cfg = load_config(None, [f"data.train_shards={tiny_shards}", f"train.storage={tmp_path}/runs",
-                             f"tracking.uri=sqlite:///{tmp_path}/m.db", "evaluation.suite=paper",
-                             f"evaluation.suite_data={tmp_path}"])
+    def config(folder):
+        return load_config(None, [f"data.train_shards={tiny_shards}", f"train.storage={tmp_path}/runs",
+                                  f"tracking.uri=sqlite:///{tmp_path}/m.db", "evaluation.suite=paper",
+                                  f"evaluation.suite_data={folder}"])
+
     with pytest.raises(paper.UserError, match="evaluation.suite_data: .* none of the paper.s sets is there"):
-        check(cfg)
+        check(config(tmp_path))
+    with pytest.raises(paper.UserError, match="evaluation.suite_data: .*/nowhere: no such folder"):
+        check(config(tmp_path / "nowhere"))
 
 
 def test_models_as_the_authors_release_them(model, tmp_path, monkeypatch):

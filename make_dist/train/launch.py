@@ -53,6 +53,8 @@ def check(cfg: Config) -> Config:
                                              "images_root", "suite_data", "concept_terms") if getattr(ev, k)}))
     for key in ("classify_table", "classes", "concepts_table", "retrieval_table", "suite_data", "concept_terms"):
         path = getattr(cfg.evaluation, key)
+        if key == "suite_data" and cfg.evaluation.suite:
+            continue  # paper.check_data below says more than "does not exist"
         if path and not exists(path, f"evaluation.{key}"):
             raise UserError(f"evaluation.{key}: {path} does not exist")
     if cfg.evaluation.suite:
