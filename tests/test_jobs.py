@@ -2,7 +2,6 @@
 jobs/sweep.py, as a user runs it, and the shipped sweeps. (`ray job submit` of
 jobs/pretrain.py runs on two nodes in test_object_storage.py.)"""
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,11 +27,6 @@ def tiny(tiny_shards, db, storage) -> list[str]:
             f"evaluation.retrieval_table={synth}/eval/retrieval.csv", f"evaluation.images_root={synth}",
             f"tracking.uri=sqlite:///{db}", f"sweep.storage={storage}"]
     return [arg for key in keys for arg in ("--set", key)]
-
-
-# As docs/cluster.md tells a cluster's user who checkpoints every few seconds:
-# Ray Train's controller collects the workers' reports 4 times a second, not every 2 s.
-FAST_REPORTS = ["--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})]
 
 
 def sweep_runs(db, name):
@@ -77,7 +71,7 @@ def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, 
     address, env = ray_head
     db = tmp_path / "mlflow.db"
     job = run_command(
-        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, *FAST_REPORTS, "--",
+        [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
          "python", "jobs/sweep.py", "--config", "configs/sweep_lr_lambda.yaml", *tiny(tiny_shards, db, tmp_path),
          "--set", "sweep.samples=1", "--set", "sweep.max_concurrent=2", "--set", "train.steps=100"],
         env=env)

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, run_command, wait_for_dashboard
+from conftest import FAST_REPORTS, free_port, run_command, wait_for_dashboard
 from make_dist.config import load_config
 from make_dist.errors import UserError
 
@@ -280,7 +280,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
 
     port, dashboard = free_port(), free_port()
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32))
+               RAY_AUTH_TOKEN=secrets.token_hex(32), **FAST_REPORTS)
     folders = [f"/tmp/mdn{port}-{i}" for i in range(3)]  # short: Ray's socket paths have a length limit
     nodes = [_ray_node(env, "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={folders[0]}")]
