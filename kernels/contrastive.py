@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .tuning import widen
 
 
 @triton.jit
@@ -61,13 +62,8 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _index(first, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """first .. first + BLOCK - 1, the rows or columns a program takes; 64-bit when
-    WIDE, so every offset computed from them is (tensors of 2^31 elements or more:
-    the columns of some 200 ranks at D = 512). 32-bit otherwise: 64-bit tiles of
-    offsets cost registers, and the streamed-D backward builds spilled with them."""
-    idx = first + tl.arange(0, BLOCK)
-    if WIDE:
-        idx = idx.to(tl.int64)
-    return idx
+    WIDE (tensors of 2^31 elements or more: the columns of some 200 ranks at D = 512)."""
+    return widen(first + tl.arange(0, BLOCK), WIDE)
 
 
 @triton.jit

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .tuning import widen
 
 EPS = 1e-12  # as F.normalize
 
@@ -32,20 +33,10 @@ def _patch_tile(PATCHES, b, q, d, P, end, D):
 
 
 @triton.jit
-def _image(WIDE: tl.constexpr):
-    """This program's image: 64-bit when WIDE, so the offsets of its patches are
-    (a batch of patches of 2^31 elements or more); 32-bit otherwise (fewer registers)."""
-    b = tl.program_id(0)
-    if WIDE:
-        b = b.to(tl.int64)
-    return b
-
-
-@triton.jit
 def _pool_forward(PATCHES, TEXT, U, B, P, D, SPLIT, sigma,
                   BLOCK_D: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
     """U[split, b] = sum over the patches q of chunk `split` of z_q p_q."""
-    b, split = _image(WIDE), tl.program_id(1)
+    b, split = widen(tl.program_id(0), WIDE), tl.program_id(1)  # WIDE: 2^31 patch elements or more
     d = tl.arange(0, BLOCK_D)
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
     u = tl.zeros([BLOCK_D], tl.float32)
@@ -65,7 +56,7 @@ def _pool_backward(PATCHES, TEXT, DU, DP, DT, B, P, D, SPLIT, sigma,
                    BLOCK_D: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr):
     """Given du = dL/du: DP[b, q] = z_q du + (du . p_q)[kept] t for the patches of
     chunk `split`; DT[split, b] = their sum of (du . p_q)[kept] p_q."""
-    b, split = _image(WIDE), tl.program_id(1)
+    b, split = widen(tl.program_id(0), WIDE), tl.program_id(1)  # WIDE: 2^31 patch elements or more
     d = tl.arange(0, BLOCK_D)
     t = tl.load(TEXT + b * D + d, mask=d < D, other=0.0).to(tl.float32)
     du = tl.load(DU + b * D + d, mask=d < D, other=0.0)

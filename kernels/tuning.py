@@ -23,6 +23,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -79,6 +80,16 @@ def block_d(D: int) -> int:
 
 
 POISON = False  # tests: partial buffers start as NaN, so an element a kernel leaves unwritten shows
+
+
+@triton.jit
+def widen(index, WIDE: tl.constexpr):
+    """An index (a program id, a tile's rows) in 64 bits when WIDE, so every offset
+    computed from it is; else as it is: 64-bit offset tiles cost registers, and the
+    streamed-D backward builds spilled with them."""
+    if WIDE:
+        index = index.to(tl.int64)
+    return index
 
 
 def wide(asked: bool | None, *tensors: torch.Tensor) -> bool:

@@ -12,6 +12,8 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+from make_dist.train.cluster import LOCAL_POLL_INTERVAL_S, POLL_INTERVAL  # noqa: E402  (after the interpreter's switch)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def run_command(args: list[str], timeout: float = 540, **kwargs):
 
 # For a cluster started here: Ray Train's controller collects the workers' reports 4
 # times a second, not every 2 s, as docs/cluster.md tells a user who checkpoints often.
-FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+FAST_REPORTS = {POLL_INTERVAL: LOCAL_POLL_INTERVAL_S}
 
 
 def free_port() -> int:
