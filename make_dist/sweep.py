@@ -13,6 +13,7 @@ A sweep file (configs/sweep_*.yaml):
     metric: eval/classify/top1       # loss/total, or a held-out metric the base config evaluates
     mode: max
     samples: 1                       # repeats of the grid (random draws for the others)
+    sample_seed: 0                   # the random draws: the same seed, the same trials (null: new draws)
     scheduler: asha                  # asha (default) | fifo
     asha: {grace_period: 50, reduction_factor: 2}   # in training steps; max_t: train.steps
     max_concurrent: 1
@@ -54,7 +55,7 @@ from .progress import logs_to_file, say
 from .tracking import Run, open_run, recorded_run
 from .train.cluster import init_ray, ray_logs
 from .train.launch import absolute, check, fit
-from .train.loop import MIDRUN_STEP
+from .train.plan import MIDRUN_STEP
 from .typed import build_section, read_yaml
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 SCHEDULERS = ("asha", "fifo")
@@ -72,6 +73,7 @@ class SweepConfig:
     metric: str = "loss/total"
     mode: str = "min"
     samples: int = 1
+    sample_seed: int | None = 0
     scheduler: str = "asha"
     asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     max_concurrent: int = 1
@@ -161,6 +163,14 @@ def search_space(sweep: SweepConfig | dict, source: str = "<sweep>") -> dict:
     return out
 
 
+def search_algorithm(sweep: SweepConfig):
+    """Tune's generator of trials: the grid, and the random keys drawn from
+    `sample_seed` (the same sweep file, the same trials), `max_concurrent` at a time."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=sweep.sample_seed)
+
+
 def trial_count(sweep: SweepConfig) -> int:
     """How many trials the sweep runs: every grid point (x seeds), `samples` times."""
     count = sweep.samples * sweep.seeds
@@ -220,7 +230,7 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
             trainable,
             param_space=search_space(sweep),
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
-                                        scheduler=scheduler, max_concurrent_trials=sweep.max_concurrent),
+                                        scheduler=scheduler, search_alg=search_algorithm(sweep)),
             run_config=run_config,
         )
     try:
@@ -438,7 +448,7 @@ def _bar_chart(summary: dict, path: str) -> str:
 
 def _sweep_params(sweep: SweepConfig) -> dict[str, Any]:
     return {"sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
-            "sweep.samples": sweep.samples, "sweep.seeds": sweep.seeds,
+            "sweep.samples": sweep.samples, "sweep.sample_seed": sweep.sample_seed, "sweep.seeds": sweep.seeds,
             **{f"sweep.space.{k}": v for k, v in sweep.space.items()}}
 
 

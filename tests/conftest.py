@@ -1,4 +1,7 @@
+import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,28 @@ if "TRITON_INTERPRET" not in os.environ:
 from make_dist.train.cluster import LOCAL_POLL_INTERVAL_S, POLL_INTERVAL  # noqa: E402  (after the interpreter's switch)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _empty_tracking_store() -> Path:
+    from mlflow.tracking import MlflowClient
+
+    db = Path(tempfile.mkdtemp(prefix="make-dist-tests-")) / "empty.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # MLflow makes its tables
+    return db
+
+
+def tracking_db(path: Path) -> str:
+    """`sqlite:///PATH`: a real MLflow store in SQLite, its tables made. Made
+    once per session and copied: MLflow's migrations take 2-3 s for every new
+    database. (The demo test, the MLflow server and every user start from
+    none.) Only for a client's store: its default experiment keeps artifacts
+    in the creating process's folder, a server's in its own."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_tracking_store(), path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import tracking_db
 from make_dist.config import ModelConfig
 from make_dist.errors import UserError
 from make_dist.evaluate import bootstrap, metrics
@@ -140,7 +141,7 @@ def test_cli_eval_json_and_mlflow(eval_set, model, tmp_path):
         [str(EXE), "eval", "--model", str(tmp_path / "model"), "--task", "classify",
          "--table", str(eval_set / "eval/classify.csv"), "--images-root", str(eval_set),
          "--classes", str(eval_set / "classes.yaml"), "--out", str(tmp_path / "r.json"),
-         "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True, timeout=600)
+         "--tracking-uri", tracking_db(tmp_path / "m.db")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "top1" in out.stdout and "classify 150/150 images" in out.stdout
     (result,) = json.loads((tmp_path / "r.json").read_text())[str(tmp_path / "model")]

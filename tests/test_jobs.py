@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import run_command
+from conftest import run_command, tracking_db
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -25,7 +25,7 @@ def tiny(tiny_shards, db, storage) -> list[str]:
             f"evaluation.classify_table={synth}/eval/classify.csv", f"evaluation.classes={synth}/classes.yaml",
             f"evaluation.concepts_table={synth}/eval/concepts.csv",
             f"evaluation.retrieval_table={synth}/eval/retrieval.csv", f"evaluation.images_root={synth}",
-            f"tracking.uri=sqlite:///{db}", f"sweep.storage={storage}"]
+            f"tracking.uri={tracking_db(db)}", f"sweep.storage={storage}"]
     return [arg for key in keys for arg in ("--set", key)]
 
 

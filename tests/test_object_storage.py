@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_REPORTS, free_port, run_command, wait_for_dashboard
+from conftest import FAST_REPORTS, free_port, run_command, tracking_db, wait_for_dashboard
 from make_dist.config import load_config
 from make_dist.errors import UserError
 
@@ -71,14 +71,18 @@ def s3(tmp_path_factory):
 def mlflow_server(s3, tmp_path_factory):
     """`mlflow server` on 127.0.0.1: runs in SQLite, artifacts in the bucket
     (--artifacts-destination; clients upload through the server). Started
-    here, waited for where it is first needed (it takes ~20 s to come up)."""
+    here, waited for where it is first needed. One request worker and no job
+    runner, as docs/cluster.md sizes a laptop's server: MLflow's defaults
+    start 4 workers and 9 job processes, each importing mlflow. Its store is
+    its own (a client-made one would keep artifacts of the default experiment
+    in the client's folder, not in the bucket)."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(folder / "server.log", "w")
     server = subprocess.Popen(
         [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/runs.db",
-         "--artifacts-destination", "s3://make/mlflow", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT)
+         "--artifacts-destination", "s3://make/mlflow", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> str:
@@ -124,7 +128,7 @@ def s3_shards(s3, tiny_shards, repo_root):
 
 def _config(tmp_path, repo_root, **extra):
     values = {"data.train_shards": "s3://make/shards/manifest.json", "train.storage": "s3://make/runs",
-              "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.name": "on-s3", "data.num_workers": 0,
+              "tracking.uri": tracking_db(tmp_path / "mlflow.db"), "train.name": "on-s3", "data.num_workers": 0,
               "train.checkpoint_every": 2, **extra}
     return load_config(repo_root / "configs/tiny.yaml", [f"{k}={v}" for k, v in values.items()])
 
@@ -294,7 +298,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
                 [Path(sys.executable).parent / "ray", "job", "submit", "--address", address, "--working-dir",
                  repo_root, "--", "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml",
                  "--set", f"data.train_shards={s3_shards}", "--set", "train.storage=s3://make/nodes",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "--set", "train.name=two-nodes",
+                 "--set", f"tracking.uri={tracking_db(tmp_path / 'mlflow.db')}", "--set", "train.name=two-nodes",
                  "--set", "train.steps=16", "--set", "train.checkpoint_every=2", "--set", "train.max_failures=2",
                  "--set", "data.num_workers=0", "--set", "tracking.log_model=false"],
                 env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tracking_db
 from mlflow.tracking import MlflowClient
 from paper_layout import DERM7PT_CONCEPTS, write_paper_data
 
@@ -216,7 +217,7 @@ def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path):
     out = subprocess.run(
         [str(EXE), "eval", "--suite", "paper", "--data", str(data), "--model", str(tmp_path / "model"),
          "--concept-terms", str(tmp_path / "ConceptTerms.json"), "--out", str(tmp_path / "r.json"),
-         "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], capture_output=True, text=True, timeout=600)
+         "--tracking-uri", tracking_db(tmp_path / "m.db")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Table 1" in out.stdout and "Table 2" in out.stdout and "MAKE (paper)" in out.stdout
     report = json.loads((tmp_path / "r.json").read_text())

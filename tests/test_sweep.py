@@ -1,12 +1,15 @@
 """Sweep files: parsing, search spaces, trial configs (the real sweeps run in test_jobs.py; a sweep
 on object storage, killed and resumed, in test_object_storage.py)."""
 
+import dataclasses
+
 import pytest
 import yaml
 
 from make_dist.errors import ConfigError, UserError
 from make_dist.sweep import (
-    SweepConfig, _check_same_settings, load_sweep, search_space, summarize, trial_config, trial_count,
+    SweepConfig, _check_same_settings, load_sweep, search_algorithm, search_space, summarize, trial_config,
+    trial_count,
 )
 
 
@@ -41,6 +44,33 @@ def test_seeds_are_a_grid_over_train_seed(tmp_path, repo_root):
     assert trial_count(sweep) == 6  # 2 learning rates x 3 seeds
     with pytest.raises(ConfigError, match="both set the seed"):
         load_sweep(write(tmp_path, repo_root, seeds=2, space={"train.seed": {"grid": [1, 2]}}))
+
+
+def drawn(sweep: SweepConfig) -> list[dict]:
+    """The trials' parameters in the order Tune's generator hands them out
+    (all at once: none is running to hold the next back)."""
+    from ray.tune.experiment import Experiment
+
+    generator = search_algorithm(dataclasses.replace(sweep, max_concurrent=0))
+    generator.add_configurations([Experiment("draws", lambda config: None, config=search_space(sweep),
+                                             num_samples=sweep.samples)])
+    trials = []
+    while (trial := generator.next_trial()) is not None:
+        trials.append(trial.config)
+    return trials
+
+
+def test_the_random_draws_follow_the_sample_seed(repo_root):
+    """The shipped lr x lambda sweep: the same file draws the same trials, run
+    after run; another seed (`--set sweep.sample_seed=1`) draws others."""
+    path = repo_root / "configs/sweep_lr_lambda.yaml"
+    sweep, _ = load_sweep(path)
+    first = drawn(sweep)
+    assert len(first) == trial_count(sweep) == 6 and sorted(t["loss.lam"] for t in first) == [0.3, 0.3, 0.7, 0.7, 1, 1]
+    assert all(1e-4 <= t["optim.lr"] <= 2e-3 for t in first) and len({t["optim.lr"] for t in first}) == 6
+    assert drawn(load_sweep(path)[0]) == first
+    other = drawn(load_sweep(path, ["sweep.sample_seed=1"])[0])
+    assert {t["optim.lr"] for t in other}.isdisjoint(t["optim.lr"] for t in first)
 
 
 def test_the_sweeps_own_keys_take_set(tmp_path, repo_root):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import tracking_db
 from make_dist.config import load_config
 from make_dist.model import build_model
 
@@ -43,7 +44,7 @@ def ray_local():
 
 def overrides(tmp_path, shards, **extra):
     values = {"data.train_shards": shards, "train.storage": str(tmp_path / "runs"),
-              "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "train.steps": 2, "train.checkpoint_every": 2,
+              "tracking.uri": tracking_db(tmp_path / "mlflow.db"), "train.steps": 2, "train.checkpoint_every": 2,
               "data.num_workers": 0, "tracking.log_model": False, **extra}  # logged models: test_object_storage
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -142,6 +143,18 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_ro
     assert "non-finite loss, step skipped (1 in a row, 1 in all)" in out
     _, run, history = run_history(tmp_path)
     assert run.info.status == "FAILED" and [m.step for m in history] == [1]
+
+
+def test_the_driver_and_a_sweeps_trials_leave_the_models_libraries_to_the_workers():
+    """Every run's driver and every trial imports the launcher and the sweep;
+    open_clip, torchvision and DeepSpeed load on the workers only (seconds of
+    every start)."""
+    heavy = ("open_clip", "torchvision", "deepspeed", "make_dist.model", "make_dist.train.loop")
+    out = subprocess.run([sys.executable, "-c", "import sys, make_dist.sweep, make_dist.train.launch; "
+                          f"print([m for m in {heavy!r} if m in sys.modules])"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_a_relative_store_path_means_the_drivers_folder(tmp_path, monkeypatch):

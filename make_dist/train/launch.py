@@ -22,7 +22,7 @@ from ..files import check_writable, exists
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray
-from .loop import WorkerPlan, train_worker
+from .plan import WorkerPlan, run_worker
 
 
 @dataclass
@@ -112,7 +112,7 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         if run.uri.startswith("sqlite:"):
             print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
     trainer = TorchTrainer(
-        functools.partial(train_worker, WorkerPlan(cfg, run_dir, run)),
+        functools.partial(run_worker, WorkerPlan(cfg, run_dir, run)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=_resources(cfg)),
         run_config=ray.train.RunConfig(

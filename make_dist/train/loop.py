@@ -1,8 +1,8 @@
 """The training loop of one Ray Train worker: setup -> steps -> export.
 
 Everything a step needs is built once in `setup`; `train_worker` composes the
-pieces. Ray Train calls `train_worker` on every worker with the driver's
-`WorkerPlan`; after a worker is lost it calls it again on a new group, and
+pieces. Ray Train calls it on every worker (through `plan.run_worker`) with
+the driver's `WorkerPlan`; after a worker is lost it calls it again on a new group, and
 `ray.train.get_checkpoint()` hands back the latest checkpoint every rank
 finished writing.
 """
@@ -32,20 +32,12 @@ from ..progress import say
 from ..slots import n_slots
 from ..tracking import Run
 from . import engine as ds
+from .plan import MIDRUN_STEP, WorkerPlan
 from .prefetch import prefetch
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class WorkerPlan:
-    """What the driver hands every worker."""
-
-    config: Config  # checked, paths absolute, steps resolved
-    run_dir: str  # train.storage/train.name: checkpoints (Ray Train's) and the exported model
-    run: Run | None  # the MLflow run rank 0 logs into
 
 
 @dataclass
@@ -160,12 +152,6 @@ def train_step(w: Worker, batch: Batch) -> dict[str, torch.Tensor] | None:
     return {**{f"loss/{k}": v.detach() for k, v in terms.items()}, "logit_scale": out["scale"].detach()}
 
 
-# On every report but the last: a sweep's scheduler (ASHA) counts time in it,
-# so it can stop a trial mid-run but never at its last report, while the
-# trial exports its model.
-MIDRUN_STEP = "midrun_step"
-
-
 def report(w: Worker, metrics: dict, save: bool) -> None:
     """Report to Ray Train (every rank), with a checkpoint when `save`: this
     rank writes its part of the state, and Ray Train keeps the checkpoint only
@@ -229,7 +215,7 @@ def export_final(w: Worker, plan: WorkerPlan) -> None:
 
 
 def train_worker(plan: WorkerPlan) -> None:
-    """Ray Train's entry point on every worker."""
+    """One worker's run (Ray Train calls it through `plan.run_worker`)."""
     cfg = plan.config
     w = setup(cfg)
     run = plan.run if w.rank == 0 else None
