@@ -12,6 +12,10 @@ Any machine, no GPU: what each kernel build (every shipped configuration) costs 
 (registers, spills, shared memory; kernels/build.py):
 
     .venv/bin/python bench/kernels.py --compile-only --json resources.json
+    .venv/bin/python bench/kernels.py --compile-only --wide       # the 64-bit builds
+    .venv/bin/python bench/kernels.py --compare A.json B.json     # one table of runs under several Tritons
+
+(bash bench/tritons.sh does the last for Triton 3.6-3.9.)
 
 What it does, at local batch B = 2048, N = 11 slots, D = 512, P = 196 patches:
 1. correctness at real size: the loss numerators and every input gradient of
@@ -141,30 +145,31 @@ def config_label(config: dict) -> str:
     """Tiles, warps, stages of a build: 'R64 C64 K64 DO256 w8 s3'."""
     short = {"BLOCK_R": "R", "BLOCK_C": "C", "BLOCK_K": "K", "BLOCK_DO": "DO", "BLOCK_P": "P"}
     tiles = " ".join(f"{v}{config[k]}" for k, v in short.items() if k in config)
-    return f"{tiles} w{config['num_warps']} s{config['num_stages']}"
+    return f"{tiles} w{config['num_warps']} s{config['num_stages']}" + (" 64-bit" if config.get("WIDE") else "")
 
 
-def _compile_one(job: tuple[int, str, int]) -> dict:
-    """Compile build `index` of (target, input type): a worker's job (a build
-    itself does not pickle: each worker lists the builds again)."""
+def _compile_one(job: tuple[int, str, bool, int]) -> dict:
+    """Compile build `index` of (target, input type, 64-bit offsets): a worker's job
+    (a build itself does not pickle: each worker lists the builds again)."""
     from kernels.build import all_builds, resources
 
-    arch, dtype, index = job
-    _, _, build = all_builds(arch, dtypes=(dtype,))[index]
+    arch, dtype, wide, index = job
+    _, _, build = all_builds(arch, dtypes=(dtype,), wide=wide)[index]
     start = time.perf_counter()
     return {**resources(build, arch), "dtype": dtype, "compile_s": round(time.perf_counter() - start, 1)}
 
 
-def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None) -> None:
+def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str | None, wide: bool = False) -> None:
     """Every kernel as the launchers run it (D = 512), for each (target, input type),
-    in each configuration the autotuner may pick (the first: the default);
-    compiled in one process per core."""
+    in each configuration the autotuner may pick (the first: the default), or
+    with 64-bit offsets (wide) in the first; compiled in one process per core."""
     import json
     import multiprocessing
 
     from kernels.build import all_builds
 
-    jobs = [(arch, dtype, i) for arch, dtype in builds for i in range(len(all_builds(arch, dtypes=(dtype,))))]
+    jobs = [(arch, dtype, wide, i) for arch, dtype in builds
+            for i in range(len(all_builds(arch, dtypes=(dtype,), wide=wide)))]
     lines = ["| kernel | target | dtype | config | registers | spill bytes | shared KB | fits | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     print(lines[0] + "\n" + lines[1], flush=True)
@@ -184,6 +189,38 @@ def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str
             f.write("\n".join(lines) + "\n")
 
 
+def compare_tables(paths: list[str], out: str | None) -> int:
+    """One row per build of several --compile-only records (one file per Triton,
+    bench/tritons.sh): registers / spill bytes / shared KB under each Triton,
+    and whether every one of them is spill-free and fits the card. Returns the
+    number of builds that are not."""
+    import json
+
+    runs = [json.load(open(p)) for p in paths]
+    versions = [run[0]["triton"] if run else p for run, p in zip(runs, paths)]
+    rows: dict[tuple, list] = {}
+    for i, run in enumerate(runs):
+        for r in run:
+            key = (r["kernel"], r["target"], r["dtype"], config_label(r["config"]))
+            rows.setdefault(key, [None] * len(runs))[i] = r
+    lines = ["| kernel | target | dtype | config | " + " | ".join(f"triton {v}" for v in versions) + " | lean |",
+             "|---|---|---|---|" + "---|" * (len(runs) + 1)]
+    bad = 0
+    for key, records in rows.items():
+        lean = all(r is not None and r["spill_bytes"] == 0 and r["shared_fits"] for r in records)
+        bad += not lean
+        cells = [f"{r['registers']} / {r['spill_bytes']} / {r['shared_bytes'] / 1024:.0f}" if r else "not built"
+                 for r in records]
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(cells) + f" | {'yes' if lean else 'NO'} |")
+    lines += ["", "registers / spill bytes / shared KB per build; lean: spill-free and within the card's "
+              f"shared memory under every Triton. {bad} of {len(rows)} builds not lean."]
+    print("\n".join(lines))
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return bad
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU run under TRITON_INTERPRET=1")
@@ -196,10 +233,18 @@ def main() -> None:
     p.add_argument("--builds", default="80:bf16,80:fp32,90:bf16,90:fp32",
                    help="compute capability:input type pairs to compile for")
     p.add_argument("--json", help="with --compile-only: also write the records here")
+    p.add_argument("--wide", action="store_true",
+                   help="with --compile-only: the builds with 64-bit offsets (each kernel's first configuration, "
+                        "what a launch past 2^31 elements runs)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="no GPU, no compiling: one table of several --compile-only --json files (one per Triton, "
+                        "bench/tritons.sh); exits 1 if a build spills or overflows under any")
     args = p.parse_args()
+    if args.compare:
+        sys.exit(1 if compare_tables(args.compare, args.out) else 0)
     if args.compile_only:
         return compile_table([(int(b.split(":")[0]), b.split(":")[1]) for b in args.builds.split(",")],
-                             args.json, args.out)
+                             args.json, args.out, wide=args.wide)
     import kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,12 +28,15 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def all_builds(arch: int, D: int = 512, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> list[tuple[str, str, tuple]]:
+def all_builds(arch: int, D: int = 512, dtypes: tuple[str, ...] = ("bf16", "fp32"),
+               wide: bool = False) -> list[tuple[str, str, tuple]]:
     """(dtype name, kernel name, build) of every kernel the launchers run at width D
-    on sm_<arch>, in each configuration shipped for the autotuner."""
+    on sm_<arch>, in each configuration shipped for the autotuner; wide: with
+    64-bit offsets, in the first configuration (what a launch past 2^31 elements runs)."""
     out = []
     for name in dtypes:
-        for build in contrastive.builds(DTYPES[name], D, arch) + pooling.builds(DTYPES[name], D, arch):
+        for build in (contrastive.builds(DTYPES[name], D, arch, wide=wide)
+                      + pooling.builds(DTYPES[name], D, arch, wide=wide)):
             out.append((name, build[0].__name__, build))
     return out
 
@@ -47,7 +50,8 @@ def resources(build: tuple, arch: int) -> dict:
                               target=GPUTarget("cuda", arch, 32), options=options)
     usage = _cubin_usage(compiled.asm["cubin"], fn.__name__)
     shared = compiled.metadata.shared + usage["SHARED"]  # dynamic (Triton's buffers) + static
-    return {"kernel": fn.__name__, "target": f"sm_{arch}", "config": {**constants, **options},
+    return {"kernel": fn.__name__, "target": f"sm_{arch}", "triton": triton.__version__,
+            "config": {**constants, **options},
             "registers": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"],
             "shared_bytes": shared, "shared_fits": shared <= SHARED_LIMIT[arch]}
 

@@ -234,9 +234,9 @@ def _lse_backward_cols(X, C, VALID, LSE, G, DC, SCALE, R, NC, D, SPLIT,
 # through the tensor cores; float32 takes exact products (no TF32), smaller
 # tiles and two stages (a 32 x 512 float32 tile in three stages overflowed
 # an A100's shared memory). The first of each list is the default (the
-# interpreter's, and what CI compiles); on a GPU the autotuner times them
-# all. Every build is spill-free and within the card's shared memory
-# (docs/BENCHMARKS.md).
+# interpreter's, and what a 64-bit launch runs); on a GPU the autotuner
+# times them all. Every build is spill-free and within the card's shared
+# memory under Triton 3.6-3.9 (docs/BENCHMARKS.md).
 
 
 def _cfg(num_warps, num_stages, **blocks):
@@ -244,28 +244,37 @@ def _cfg(num_warps, num_stages, **blocks):
 
 
 # The first, the tiles every kernel ran in before the autotuner (32 x 32, the
-# whole row held); then larger tiles that stream D. A build that spills on a
-# target is not shipped for it (sm_80 rows: R64 C32 K64 DO256 spilled 8 B;
-# the float32 R32 C32 K32 DO128 backward spilled at 4 warps, not at 8).
+# whole row held); then larger tiles that stream D. Every build must be
+# spill-free under each Triton from 3.6 (torch 2.11, the GPU hosts') to 3.9
+# (bench/tritons.sh): register allocation moves between versions, so tiles
+# at the 255-register ceiling are avoided. Dropped for spilling: bf16
+# R64 C64 K64 DO128 backward (16-136 B under 3.6, 3.7 or 3.9; streaming
+# K32 instead holds fewer operands), sm_80 rows R64 C32 K64 DO256 (8 B),
+# float32 R32 C32 K32 DO128 at 4 warps (shipped at 8), and every float32
+# column-gradient build that holds the whole row (K512: 7-10 KB under 3.9).
 HELD_32 = dict(BLOCK_R=32, BLOCK_C=32, BLOCK_K="D")
+STREAMED = dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=32, BLOCK_DO=128)
 HALF_FORWARD = [_cfg(4, 3, **HELD_32), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64),
                 _cfg(8, 3, BLOCK_R=128, BLOCK_C=64, BLOCK_K=64)]
-HALF_ROWS_80 = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=128)]
+HALF_ROWS_80 = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, **STREAMED)]
 HALF_ROWS_90 = HALF_ROWS_80 + [_cfg(8, 3, BLOCK_R=64, BLOCK_C=32, BLOCK_K=64, BLOCK_DO=256)]
-HALF_COLS = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, BLOCK_R=64, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=128),
+HALF_COLS = [_cfg(8, 3, **HELD_32, BLOCK_DO="D"), _cfg(8, 3, **STREAMED),
              _cfg(8, 3, BLOCK_R=32, BLOCK_C=64, BLOCK_K=64, BLOCK_DO=256)]
 HELD_16 = dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K="D")
 FP32_FORWARD = [_cfg(4, 2, **HELD_16), _cfg(4, 2, BLOCK_R=32, BLOCK_C=32, BLOCK_K=32)]
-FP32_BACKWARD = [_cfg(4, 2, **HELD_16, BLOCK_DO="D"), _cfg(8, 2, BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, BLOCK_DO=128)]
+FP32_STREAMED = _cfg(8, 2, BLOCK_R=32, BLOCK_C=32, BLOCK_K=32, BLOCK_DO=128)
+FP32_ROWS = [_cfg(4, 2, **HELD_16, BLOCK_DO="D"), FP32_STREAMED]
+FP32_COLS_80 = [FP32_STREAMED]
+FP32_COLS_90 = FP32_COLS_80 + [_cfg(4, 2, BLOCK_R=16, BLOCK_C=16, BLOCK_K=128, BLOCK_DO=128)]  # sm_80: 80 B
 
 KEY = ["R", "NC", "D"]
 # {half precision?: the kernel and its configurations per target}
 FORWARD = {True: tuning.Tuned(_lse_forward, {80: HALF_FORWARD, 90: HALF_FORWARD}, KEY),
            False: tuning.Tuned(_lse_forward, {80: FP32_FORWARD, 90: FP32_FORWARD}, KEY)}
 ROWS = {True: tuning.Tuned(_lse_backward_rows, {80: HALF_ROWS_80, 90: HALF_ROWS_90}, KEY),
-        False: tuning.Tuned(_lse_backward_rows, {80: FP32_BACKWARD, 90: FP32_BACKWARD}, KEY)}
+        False: tuning.Tuned(_lse_backward_rows, {80: FP32_ROWS, 90: FP32_ROWS}, KEY)}
 COLS = {True: tuning.Tuned(_lse_backward_cols, {80: HALF_COLS, 90: HALF_COLS}, KEY),
-        False: tuning.Tuned(_lse_backward_cols, {80: FP32_BACKWARD, 90: FP32_BACKWARD}, KEY)}
+        False: tuning.Tuned(_lse_backward_cols, {80: FP32_COLS_80, 90: FP32_COLS_90}, KEY)}
 
 
 # ---------------------------------------------------------------------------
@@ -292,13 +301,14 @@ def flags(dtype: torch.dtype, has_valid: bool, D: int, wide: bool = False) -> di
                 BLOCK_D=tuning.block_d(D), WIDE=wide)
 
 
-def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> list[tuple]:
+def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True, wide: bool = False) -> list[tuple]:
     """(kernel, argument types, constants, options) of each kernel on `dtype`
     rows and columns of width D for sm_<arch>, in each configuration shipped
-    (what kernels/build.py compiles)."""
+    (what kernels/build.py compiles). wide: with 64-bit offsets, in the one
+    configuration such a launch runs (the first)."""
     t = tuning.POINTER[dtype]
     ints = {"R": "i32", "NC": "i32", "D": "i32", "SPLIT": "i32"}
-    const = {**flags(dtype, has_valid, D), "UPCAST": False}  # UPCAST off: what a GPU runs
+    const = {**flags(dtype, has_valid, D, wide), "UPCAST": False}  # UPCAST off: what a GPU runs
     out = []
     for tuned, signature in (
         (FORWARD, {"X": t, "C": t, "VALID": "*i8", "LSE": "*fp32", "SCALE": "*fp32", **ints}),
@@ -308,7 +318,8 @@ def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True) -> lis
                 **ints}),
     ):
         kernel = tuned[_half(dtype)]
-        for meta, launch in kernel.options(arch, const["BLOCK_D"]):
+        options = kernel.options(arch, const["BLOCK_D"])
+        for meta, launch in options[:1] if wide else options:
             out.append((kernel.fn, signature, {**const, **meta}, launch))
     return out
 

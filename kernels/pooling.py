@@ -77,15 +77,17 @@ def _pool_backward(PATCHES, TEXT, DU, DP, DT, B, P, D, SPLIT, sigma,
     tl.store(DT + (split * B + b) * D + d, dt, mask=d < D)
 
 
-# Configurations (the first the default; autotuned on a GPU, kernels/tuning.py).
-# The backward holds more per program (the text's gradient, the relevance):
-# 16 patches at 4 warps spilled in float32 on sm_80, 32 at 8 warps on sm_90
-# (bench/kernels.py --compile-only).
+# Configurations (the first the default; autotuned on a GPU, kernels/tuning.py),
+# spill-free under each Triton from 3.6 to 3.9 (bench/tritons.sh). The backward
+# holds more per program (the text's gradient, the relevance): on sm_80 under
+# 3.9, 16 patches spilled at 8 warps (8 B) and in float32 at 4 (16 B), 32 at 8
+# warps in float32 (8 B); 16 warps share a 16-patch tile out. sm_90 keeps 8.
 FORWARD_CONFIGS = [{"BLOCK_P": 16, "num_warps": 4, "num_stages": 3}, {"BLOCK_P": 32, "num_warps": 8, "num_stages": 3},
                    {"BLOCK_P": 8, "num_warps": 4, "num_stages": 3}]
-BACKWARD_CONFIGS = [{"BLOCK_P": 16, "num_warps": 8, "num_stages": 3}, {"BLOCK_P": 8, "num_warps": 4, "num_stages": 3}]
+BACKWARD_80 = [{"BLOCK_P": 16, "num_warps": 16, "num_stages": 3}, {"BLOCK_P": 8, "num_warps": 4, "num_stages": 3}]
+BACKWARD_90 = BACKWARD_80 + [{"BLOCK_P": 16, "num_warps": 8, "num_stages": 3}]
 FORWARD = tuning.Tuned(_pool_forward, {80: FORWARD_CONFIGS, 90: FORWARD_CONFIGS}, ["P", "D"])
-BACKWARD = tuning.Tuned(_pool_backward, {80: BACKWARD_CONFIGS, 90: BACKWARD_CONFIGS}, ["P", "D"])
+BACKWARD = tuning.Tuned(_pool_backward, {80: BACKWARD_80, 90: BACKWARD_90}, ["P", "D"])
 MIN_SPLIT = 64  # patches per chunk at least (an image has 196 at ViT-B/16, 224 px)
 
 
@@ -93,17 +95,19 @@ def _splits(B: int, P: int, device, n_splits):
     return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT, n=n_splits)
 
 
-def builds(dtype: torch.dtype, D: int, arch: int) -> list[tuple]:
+def builds(dtype: torch.dtype, D: int, arch: int, wide: bool = False) -> list[tuple]:
     """(kernel, argument types, constants, options) of each kernel on `dtype`
     patches and texts of width D for sm_<arch>, in each configuration shipped
-    (see kernels/build.py)."""
+    (see kernels/build.py); wide: 64-bit offsets, the first configuration only
+    (what such a launch runs)."""
     t = tuning.POINTER[dtype]
     ints = {"B": "i32", "P": "i32", "D": "i32", "SPLIT": "i32", "sigma": "fp32"}
     out = []
     for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
                              (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
-        for meta, launch in tuned.options(arch, tuning.block_d(D)):
-            out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), "WIDE": False, **meta}, launch))
+        options = tuned.options(arch, tuning.block_d(D))
+        for meta, launch in options[:1] if wide else options:
+            out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), "WIDE": wide, **meta}, launch))
     return out
 
 

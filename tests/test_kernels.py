@@ -402,32 +402,70 @@ def test_the_kernels_compile_for_the_cards_and_fit_them(repo_root, tmp_path):
     autotuner may pick, lowers, spills no register and fits the card's shared
     memory: bf16 for sm_90 (an H100's training runs) and float32 for sm_80
     (bf16 training takes the fine-grained term in float32; an A100 has 163
-    KB); bench/kernels.py --compile-only does all four pairs (about twice
-    this test's minute). Compiled without a GPU (ptxas ships in the triton
-    wheel), in a fresh process: this one defined the kernels for the
-    interpreter."""
+    KB), and the 64-bit builds a launch past 2^31 elements runs (each
+    kernel's first configuration). bench/kernels.py --compile-only does all
+    four pairs, bench/tritons.sh under each Triton 3.6-3.9. Compiled without
+    a GPU (ptxas ships in the triton wheel), in a fresh process: this one
+    defined the kernels for the interpreter."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "bench/kernels.py", "--compile-only", "--builds", "90:bf16,80:fp32",
-                          "--json", str(tmp_path / "builds.json")], capture_output=True, text=True, env=env,
-                         cwd=repo_root, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    records = json.loads((tmp_path / "builds.json").read_text())
-    want = {(f"sm_{arch}", dtype, tuned.fn.__name__, len(tuned.configs[arch]))
-            for arch, dtype in ((90, "bf16"), (80, "fp32"))
-            for tuned in [*(family[dtype == "bf16"] for family in (contrastive.FORWARD, contrastive.ROWS,
-                                                                  contrastive.COLS)), pooling.FORWARD, pooling.BACKWARD]}
-    got = {(r["target"], r["dtype"], r["kernel"]) for r in records}
-    assert got == {w[:3] for w in want}
-    for target, dtype, kernel, n in want:  # every shipped configuration, once
-        assert sum((r["target"], r["dtype"], r["kernel"]) == (target, dtype, kernel) for r in records) == n
+    records, tables = [], ""
+    for wide in ([], ["--wide"]):
+        out = subprocess.run([sys.executable, "bench/kernels.py", "--compile-only", "--builds", "90:bf16,80:fp32",
+                              *wide, "--json", str(tmp_path / "builds.json")], capture_output=True, text=True,
+                             env=env, cwd=repo_root, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        records += json.loads((tmp_path / "builds.json").read_text())
+        tables += out.stdout
+    families = [(arch, dtype, tuned) for arch, dtype in ((90, "bf16"), (80, "fp32"))
+                for tuned in [*(family[dtype == "bf16"] for family in (contrastive.FORWARD, contrastive.ROWS,
+                                                                       contrastive.COLS)),
+                              pooling.FORWARD, pooling.BACKWARD]]
+    for wide, shipped in ((False, lambda tuned, arch: len(tuned.configs[arch])), (True, lambda tuned, arch: 1)):
+        for arch, dtype, tuned in families:  # every shipped configuration once; 64-bit: the first
+            mine = [r for r in records if (r["target"], r["dtype"], r["kernel"], r["config"]["WIDE"])
+                    == (f"sm_{arch}", dtype, tuned.fn.__name__, wide)]
+            assert len(mine) == shipped(tuned, arch), (arch, dtype, tuned.fn.__name__, wide)
+    assert len(records) == sum(len(t.configs[a]) + 1 for a, _, t in families)
     for r in records:  # nothing spilled to local memory, and the card has the shared memory asked for
         assert r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] and r["shared_fits"], r
-    assert "| _lse_forward | sm_90 | bf16 | R32 C32 K512 w4 s3 |" in out.stdout  # the table a person reads
+    assert "| _lse_forward | sm_90 | bf16 | R32 C32 K512 w4 s3 |" in tables  # the table a person reads
+    assert "| _lse_forward | sm_90 | bf16 | R32 C32 K512 w4 s3 64-bit |" in tables
+
+
+def test_builds_compared_across_tritons_flag_one_that_spills_under_any(repo_root, tmp_path):
+    """bench/kernels.py --compare (bench/tritons.sh's last step): one row per
+    build, a column per Triton, and exit status 1 when a build spills or
+    overflows under one of them."""
+    import json
+    import subprocess
+    import sys
+
+    def record(version, kernel, spill, fits=True):
+        return {"kernel": kernel, "target": "sm_90", "triton": version, "dtype": "bf16", "registers": 200,
+                "spill_bytes": spill, "shared_bytes": 30 * 1024, "shared_fits": fits,
+                "config": {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3, "WIDE": False}}
+
+    files = []
+    for version, spills in (("3.6.0", 88), ("3.8.0", 0)):
+        files.append(tmp_path / f"{version}.json")
+        files[-1].write_text(json.dumps([record(version, "_lse_backward_rows", spills),
+                                         record(version, "_lse_forward", 0)]))
+    run = subprocess.run([sys.executable, "bench/kernels.py", "--compare", *map(str, files)], cwd=repo_root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "| kernel | target | dtype | config | triton 3.6.0 | triton 3.8.0 | lean |" in run.stdout
+    assert "| _lse_backward_rows | sm_90 | bf16 | R64 C64 w8 s3 | 200 / 88 / 30 | 200 / 0 / 30 | NO |" in run.stdout
+    assert "| _lse_forward | sm_90 | bf16 | R64 C64 w8 s3 | 200 / 0 / 30 | 200 / 0 / 30 | yes |" in run.stdout
+    assert "1 of 2 builds not lean" in run.stdout
+    files[0].write_text(json.dumps([record("3.6.0", "_lse_backward_rows", 0), record("3.6.0", "_lse_forward", 0)]))
+    run = subprocess.run([sys.executable, "bench/kernels.py", "--compare", *map(str, files)], cwd=repo_root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "0 of 2 builds not lean" in run.stdout, run.stdout + run.stderr
 
 
 def test_auto_backend_picks_torch_on_cpu_tensors():
