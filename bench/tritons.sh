@@ -2,7 +2,7 @@
 # Every shipped kernel build under each Triton a user may have, no GPU needed:
 # register allocation moves between Triton versions (a build spill-free under
 # one spilled under another), and the GPU hosts run their torch's Triton, not
-# the pinned one (torch 2.11: 3.6; 2.14: 3.8; 2.15: 3.9).
+# the pinned one (torch 2.11 brings 3.6, the pinned 2.14 3.8; 3.9 is the newest).
 #
 #   bash bench/tritons.sh                  # 3.6.0 3.7.1 3.8.0 3.9.0, about 5 minutes on 2 cores
 #   bash bench/tritons.sh 3.6.0 3.8.0      # some

@@ -333,7 +333,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _trial_rows(grid, sweep: SweepConfig, base_cfg, uri: str) -> list[dict]:
     """One record per trial: parameters, final metric, steps reached, how it
-    ended; a trial stopped by the scheduler gets its MLflow run marked so."""
+    ended, marked on its MLflow run here (FAILED, or KILLED with the reason
+    when the scheduler stopped it): only the sweep tells the two apart, since a
+    stopped trial's training ends in an error too, at times after this runs."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -343,6 +345,8 @@ def _trial_rows(grid, sweep: SweepConfig, base_cfg, uri: str) -> list[dict]:
         step = metrics.get("step", 0)
         if result.error is not None:
             status = "failed"
+            if run is not None:
+                run.finish("FAILED")
         elif step < base_cfg.train.steps:
             status = f"stopped by {sweep.scheduler.upper()} at step {step}"
             if run is not None:

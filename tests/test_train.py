@@ -145,6 +145,35 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, shards, repo_ro
     assert run.info.status == "FAILED" and [m.step for m in history] == [1]
 
 
+def test_a_sweeps_trial_that_fails_is_marked_by_its_sweep(tmp_path, shards, repo_root, ray_local):
+    """A trial's training ends in an error both when it fails and when its
+    scheduler stops it (Tune tears its actor down, at times after the sweep
+    has marked the run KILLED: a CI run once saw a stopped trial end FAILED).
+    So a trial never marks its own run failed; its sweep does, from Tune's
+    result for it (here the record Tune would give for this failed trial)."""
+    from types import SimpleNamespace
+
+    from make_dist.sweep import SweepConfig, _trial_rows
+    from make_dist.tracking import open_run
+    from make_dist.train.launch import fit
+
+    cfg = tiny(tmp_path, shards, repo_root, **{"optim.lr": 1e8, "optim.warmup_steps": 1, "train.steps": 10,
+                                              "train.max_nonfinite": 1, "train.workers": 1,
+                                              "train.name": "trial-t1"})
+    parent = open_run(cfg, str(tmp_path / "sweep"), run_name="sweep s", params={})
+    with pytest.raises(Exception, match="1 non-finite losses in a row"):
+        fit(cfg, parent=parent)
+    client = MlflowClient(parent.uri)
+    (trial,) = client.search_runs([client.get_run(parent.id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.id}'")
+    assert trial.info.status == "RUNNING"  # left to the sweep
+    failed = SimpleNamespace(metrics={"trial_id": "t1", "step": 1}, path=str(tmp_path / "tune/t1"),
+                             error=RuntimeError("1 non-finite losses in a row"), config={"optim.lr": 1e8})
+    (row,) = _trial_rows([failed], SweepConfig(), cfg, parent.uri)
+    assert row["status"] == "failed" and row["run_id"] == trial.info.run_id
+    assert client.get_run(trial.info.run_id).info.status == "FAILED"
+
+
 def test_the_driver_and_a_sweeps_trials_leave_the_models_libraries_to_the_workers():
     """Every run's driver and every trial imports the launcher and the sweep;
     open_clip, torchvision and DeepSpeed load on the workers only (seconds of

@@ -134,7 +134,8 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
                           f"again to resume from the last one") from None
     except BaseException:
-        run.finish("FAILED")
+        if parent is None:  # a sweep's trial is marked by its sweep: a trial its scheduler stops fails here too
+            run.finish("FAILED")
         raise
     log_curves(run, cfg.train.name)
     metrics = dict(result.metrics or {})
