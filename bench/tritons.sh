@@ -4,7 +4,7 @@
 # one spilled under another), and the GPU hosts run their torch's Triton, not
 # the pinned one (torch 2.11 brings 3.6, the pinned 2.14 3.8; 3.9 is the newest).
 #
-#   bash bench/tritons.sh                  # 3.6.0 3.7.1 3.8.0 3.9.0, about 5 minutes on 2 cores
+#   bash bench/tritons.sh                  # 3.6.0 3.7.1 3.8.0 3.9.0, about 3 minutes on 2 cores
 #   bash bench/tritons.sh 3.6.0 3.8.0      # some
 #
 # Each Triton is installed once beside the venv's (pip --target, under

@@ -318,8 +318,7 @@ def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True, wide: 
                 **ints}),
     ):
         kernel = tuned[_half(dtype)]
-        options = kernel.options(arch, const["BLOCK_D"])
-        for meta, launch in options[:1] if wide else options:
+        for meta, launch in kernel.runnable(arch, const["BLOCK_D"], wide):
             out.append((kernel.fn, signature, {**const, **meta}, launch))
     return out
 

@@ -105,8 +105,7 @@ def builds(dtype: torch.dtype, D: int, arch: int, wide: bool = False) -> list[tu
     out = []
     for tuned, signature in ((FORWARD, {"PATCHES": t, "TEXT": t, "U": "*fp32", **ints}),
                              (BACKWARD, {"PATCHES": t, "TEXT": t, "DU": "*fp32", "DP": t, "DT": "*fp32", **ints})):
-        options = tuned.options(arch, tuning.block_d(D))
-        for meta, launch in options[:1] if wide else options:
+        for meta, launch in tuned.runnable(arch, tuning.block_d(D), wide):
             out.append((tuned.fn, signature, {"BLOCK_D": tuning.block_d(D), "WIDE": wide, **meta}, launch))
     return out
 

@@ -145,6 +145,12 @@ class Tuned:
                         {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}))
         return out
 
+    def runnable(self, arch: int, block_d: int, wide: bool = False) -> list[tuple[dict, dict]]:
+        """The configurations a launch without `config=` may run on sm_<arch>: every
+        shipped one (the autotuner's pick), or with 64-bit offsets the first."""
+        options = self.options(arch, block_d)
+        return options[:1] if wide else options
+
     def __call__(self, grid, *args, device: torch.device, config: int | tuple[int, int] | None = None,
                  **constants):
         """Launch on `grid` (a function of the chosen constants). constants:

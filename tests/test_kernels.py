@@ -430,6 +430,8 @@ def test_the_kernels_compile_for_the_cards_and_fit_them(repo_root, tmp_path):
             mine = [r for r in records if (r["target"], r["dtype"], r["kernel"], r["config"]["WIDE"])
                     == (f"sm_{arch}", dtype, tuned.fn.__name__, wide)]
             assert len(mine) == shipped(tuned, arch), (arch, dtype, tuned.fn.__name__, wide)
+            runs = [meta for meta, _ in tuned.runnable(arch, 512, wide)]  # what a launch may run
+            assert [{k: r["config"][k] for k in m} for r, m in zip(mine, runs)] == runs
     assert len(records) == sum(len(t.configs[a]) + 1 for a, _, t in families)
     for r in records:  # nothing spilled to local memory, and the card has the shared memory asked for
         assert r["registers"] > 0 and r["spill_bytes"] == 0 and 0 < r["shared_bytes"] and r["shared_fits"], r
