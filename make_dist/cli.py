@@ -77,12 +77,11 @@ def cmd_shards(args) -> int:
     """Turn a CSV or Parquet table of images and captions into WebDataset shards."""
     from .data.schema import load_column_map
     from .data.shards import write_shards
-    from .files import check_writable
 
     columns = load_column_map(args.columns)
-    check_writable(args.out, "--out")
     write_shards(args.table, args.out, columns, images_root=args.images_root, shard_size=args.shard_size,
-                 image_max_side=args.image_max_side, k=args.subtexts, workers=args.workers)
+                 image_max_side=args.image_max_side, k=args.subtexts, workers=args.workers,
+                 images_anywhere=args.images_anywhere)
     return 0
 
 
@@ -137,7 +136,8 @@ def cmd_eval(args) -> int:
     else:
         from .evaluate.tasks import run_task
 
-        results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes)]
+        results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes,
+                            args.images_anywhere)]
         print(table({args.model: results}))
         for r in results:
             if r.skipped:
@@ -184,6 +184,10 @@ def cmd_wheelhouse(args) -> int:
 
     build(args.out, python=args.python, platforms=tuple(args.platform or PLATFORMS), also=tuple(args.also))
     return 0
+
+
+IMAGES_ANYWHERE = ("also read image paths that leave --images-root (absolute paths, '..', URLs) as written "
+                   "(default: such a row is skipped: a table must not make make-dist read what its user never named)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--suite: concept synonym terms, e.g. the authors' ConceptTerms.json (default: make-dist's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--images-root", help="folder or URL that relative image paths are under")
+    p.add_argument("--images-anywhere", action="store_true", help=IMAGES_ANYWHERE)
     p.add_argument("--classes", help="classify: YAML of class names (and synonyms) the labels use")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///mlflow.db here)")
@@ -264,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shards", help="write WebDataset shards from a table", description=cmd_shards.__doc__)
     p.add_argument("--table", required=True, help="CSV or Parquet file (path or fsspec URL)")
     p.add_argument("--images-root", help="folder or URL that relative image paths are under")
+    p.add_argument("--images-anywhere", action="store_true", help=IMAGES_ANYWHERE)
     p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://, gs://, memory://, ...)")
     p.add_argument("--columns", required=True, metavar="YAML",
                    help="column mapping, e.g. configs/columns/synthetic.yaml, make_example.yaml, derm1m.yaml")

@@ -9,6 +9,7 @@ key and the file, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .typed import build_section, read_yaml
+from .typed import build_section, parse_yaml, read_yaml
 
 # The choices of the keys below that take one of a few values.
 TEXT_BATCHING = ("buckets", "longest", "full")
@@ -84,9 +85,14 @@ class DataConfig:
     # False: each rank reads its share of the shards in order, epoch after epoch
     # (reproducible; an epoch ends for all ranks when the first runs out).
     resampled: bool = True
+    # A loader worker stops the run (naming the shards) after this many reads
+    # in a row fail (corrupt samples, unreadable shards) with no good sample
+    # between them, or as soon as every shard it draws from has failed.
+    max_failures_in_a_row: int = 1000
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.max_failures_in_a_row >= 1, "max_failures_in_a_row", "must be >= 1")
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
         _require(self.subtexts >= 1, "subtexts", "must be >= 1")
@@ -107,6 +113,8 @@ class LossConfig:
 
     def validate(self) -> None:
         _require(self.lam >= 0, "lam", "must be >= 0")
+        # sigma thresholds a cosine similarity: below -1 it keeps every patch (as -1 does), from 1 up none
+        _require(-1 <= self.sigma < 1, "sigma", "must lie in [-1, 1) (a threshold on a cosine similarity)")
         _require(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}")
 
 
@@ -149,7 +157,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        _require(is_folder_name(self.name), "name", FOLDER_NAME_RULE)
         _require(self.steps > 0, "steps", "must be > 0")
         _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0 (or null: train.steps decides)")
         _require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
@@ -186,6 +194,9 @@ class EvalConfig:
     concepts_table: str | None = None  # image, one 0/1 column per concept
     retrieval_table: str | None = None  # image, caption
     images_root: str | None = None
+    # Read image paths of the tables that leave images_root (absolute paths,
+    # '..', URLs) as written; by default such a row is skipped with its reason.
+    images_anywhere: bool = False
     suite: str | None = None  # "paper": the paper's seven benchmark sets (make_dist/evaluate/paper.py)
     suite_data: str | None = None  # the authors' data/ folder (PAD/, F17K/, ..., skin_cap/)
     concept_terms: str | None = None  # the suite's concept terms JSON (default: make-dist's own)
@@ -250,6 +261,16 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """{"section.key": value}: the form experiment trackers log as params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# A run's (or a sweep's) name is a folder of its storage: it must name one
+# folder there, never a parent, the folder itself or a hidden file.
+FOLDER_NAME_RULE = "must be a name of letters, digits, '.', '_', '-' that starts with a letter or digit"
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def is_folder_name(name: str) -> bool:
+    return bool(_FOLDER_NAME.fullmatch(name or "")) and len(name) <= 200
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +344,7 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
     if not isinstance(section, dict):
         raise ConfigError(f"--set {item!r}: section {parts[0]!r} is not a mapping")
     try:
-        section[parts[1]] = yaml.safe_load(value)
+        section[parts[1]] = parse_yaml(value)
     except yaml.YAMLError:
         section[parts[1]] = value
     return ".".join(parts)

@@ -33,6 +33,14 @@ def sum_detached(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def lowest(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value` (ranks agreeing on an outcome, e.g. a checkpoint that loaded)."""
+    x = torch.tensor([value], dtype=torch.int64, device=device)
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import posixpath
 import uuid
 from collections.abc import Iterator
 
@@ -41,6 +42,40 @@ def write_atomic(url: str, data: bytes | str) -> None:
     """`data` at `url`, all of it or nothing."""
     with atomic_writer(url, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+class OutsideRoot(ValueError):
+    """An image path of a table that leaves the folder its images are under."""
+
+
+def image_location(path: str, root: str | None, anywhere: bool = False) -> str:
+    """Where a table's image path points: a relative path under `root` (the
+    working directory when there is none). Unless `anywhere`, a path that
+    leaves the root ('..', an absolute path or a URL elsewhere) raises
+    OutsideRoot: a table is data, and must not make make-dist read (and pack
+    into shards others may get) a file or URL its user never named."""
+    base = root or os.getcwd()
+    joined = path if ("://" in path or os.path.isabs(path)) else base.rstrip("/") + "/" + path
+    if not anywhere and not within(joined, base):
+        raise OutsideRoot(f"image path {path!r} leaves the images root ({base}); pass --images-anywhere "
+                          f"(evaluation.images_anywhere) to read such paths as written")
+    # read what was checked: the OS would resolve '..' after following a link
+    return joined if "://" in joined else os.path.normpath(joined)
+
+
+def within(url: str, root: str) -> bool:
+    """Whether `url`, its '..' resolved, lies under `root` (the same scheme and place)."""
+
+    def parts(u: str) -> tuple[str, str]:
+        scheme, sep, rest = u.partition("://")
+        if not sep:
+            scheme, rest = "file", os.path.abspath(u)
+        elif scheme == "file":
+            rest = os.path.abspath(rest)
+        return scheme, posixpath.normpath("/" + rest.lstrip("/"))
+
+    (scheme, path), (root_scheme, root_path) = parts(url), parts(root)
+    return scheme == root_scheme and (path == root_path or path.startswith(root_path.rstrip("/") + "/"))
 
 
 def read_bytes(url: str) -> bytes:
@@ -97,6 +132,26 @@ def exists(url: str, key: str) -> bool:
         return False
     except Exception as e:
         raise UserError(f"{key} = {url}: {storage_problem(e)}") from None
+
+
+def missing_files(urls: list[str], key: str) -> list[str]:
+    """The URLs of `urls` where no file is, each folder listed once (thousands
+    of shards on object storage cost one listing, not a request each); a
+    storage that cannot be asked is an error naming `key`."""
+    folders: dict[tuple, list[str]] = {}
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        folders.setdefault((fs, path.rpartition("/")[0]), []).append(url)
+    missing = []
+    for (fs, folder), members in folders.items():
+        try:
+            present = {p.rstrip("/").rpartition("/")[2] for p in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            present = set()
+        except Exception as e:
+            raise UserError(f"{key} = {members[0]}: {storage_problem(e)}") from None
+        missing += [u for u in members if u.rstrip("/").rpartition("/")[2] not in present]
+    return missing
 
 
 def check_writable(url: str, key: str) -> None:

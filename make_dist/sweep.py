@@ -47,10 +47,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .config import apply_override, from_dict, load_config
+from .config import FOLDER_NAME_RULE, apply_override, from_dict, is_folder_name, load_config
 from .errors import ConfigError, UserError
 from .evaluate.tasks import REPORTED
 from .files import check_writable, read_bytes, write_atomic
+from .lease import Lease
 from .progress import logs_to_file, say
 from .tracking import Run, open_run, recorded_run
 from .train.cluster import init_ray, ray_logs
@@ -98,6 +99,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig
                           else str(path))
     for k, v in free.items():
         setattr(sweep, k, v)
+    if not is_folder_name(sweep.name):
+        raise ConfigError(f"{path}: sweep.name = {sweep.name!r}: {FOLDER_NAME_RULE}")
     if sweep.mode not in ("min", "max"):
         raise ConfigError(f"{path}: sweep.mode = {sweep.mode!r}: must be min or max")
     if sweep.scheduler not in SCHEDULERS:
@@ -191,12 +194,18 @@ def trial_config(base: dict, params: dict, source: str = "<trial>"):
 
 def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     """Run (or resume) the sweep; returns its summary (best trial, every trial).
-    quiet: one line per trial event on the terminal; Ray's and Tune's output in files."""
+    quiet: one line per trial event on the terminal; Ray's and Tune's output in files.
+    The sweep holds its folder's lease while it runs (a second sweep of the name is refused)."""
+    sweep_dir = f"{absolute(sweep.storage)}/{sweep.name}"
+    check_writable(sweep_dir, "sweep.storage")
+    with Lease(sweep_dir, "make-dist sweep", rename="give this sweep another name (--set sweep.name=NEW)"):
+        return _run_sweep(sweep, base, sweep_dir, quiet)
+
+
+def _run_sweep(sweep: SweepConfig, base: dict, sweep_dir: str, quiet: bool) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    sweep_dir = f"{absolute(sweep.storage)}/{sweep.name}"
-    check_writable(sweep_dir, "sweep.storage")
     base_cfg = from_dict(base, "<sweep base>")
     # The trials train under the sweep's folder, not the base's train.storage; checked before Ray starts.
     trial_train = dataclasses.replace(base_cfg.train, storage=f"{sweep_dir}/trials")

@@ -8,6 +8,7 @@ names the file (or --set), the key and what was expected.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,7 +30,10 @@ def read_yaml(path: str | Path, what: str, expect: type | tuple[type, ...] = dic
     except Exception as e:  # an object store's own errors: credentials, endpoint
         raise ConfigError(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from None
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
+    except yaml.MarkedYAMLError as e:  # where and what, on one line
+        where = f"line {e.problem_mark.line + 1}: " if e.problem_mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {where}{e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if value is None and expect is dict:
@@ -39,6 +43,28 @@ def read_yaml(path: str | Path, what: str, expect: type | tuple[type, ...] = dic
                               for t in (expect if isinstance(expect, tuple) else (expect,)))
         raise ConfigError(f"{path}: the top level of {what} must be a YAML {kinds}, got {type(value).__name__}")
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: the
+    safe loader keeps the last value without a word, so a file that says
+    `lr: 1e-3` near the top and `lr: 1e-5` further down would train at the second."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (a second value would silently win)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML value from text (a --set value), read as files are."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def build_section(cls, values: dict[str, Any], section: str, where):
@@ -88,11 +114,13 @@ def coerce(value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise TypeError("expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError("expected a number")
+        if not math.isfinite(value):  # .inf, .nan or "inf": no setting of a run means either
+            raise TypeError("expected a finite number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -123,6 +123,17 @@ def test_round_trip_through_yaml(tmp_path):
         ("tracking:\n  register: derm\n  log_model: false\n", r"tracking\.register = 'derm': needs tracking\.log_model"),
         ("evaluation:\n  suite: table1\n", r"evaluation\.suite = 'table1': must be paper"),
         ("evaluation:\n  suite: paper\n", r"evaluation\.suite_data = None: must name the authors' data/ folder"),
+        # a key written twice: the safe loader kept the second value without a word
+        ("optim:\n  lr: 1.0e-3\n  warmup_steps: 10\n  lr: 1.0e-5\n",
+         r"c\.yaml: not valid YAML: line 4: the key 'lr' appears twice in one mapping"),
+        ("train:\n  steps: 5\ntrain:\n  steps: 6\n", r"the key 'train' appears twice"),
+        ("optim:\n  lr: .inf\n", r"optim\.lr = inf: expected a finite number"),
+        ("optim:\n  lr: .nan\n", r"optim\.lr = nan: expected a finite number"),
+        ("loss:\n  sigma: -5\n", r"loss\.sigma = -5\.0: must lie in \[-1, 1\)"),
+        ("loss:\n  sigma: 1\n", r"loss\.sigma = 1\.0: must lie in \[-1, 1\)"),
+        ("train:\n  name: ..\n", r"train\.name = '\.\.': must be a name of letters"),
+        ("train:\n  name: .hidden\n", r"train\.name = '\.hidden': must be a name of letters"),
+        ("train:\n  name: a/../../b\n", r"train\.name = 'a/\.\./\.\./b': must be a name of letters"),
     ],
 )
 def test_bad_files_name_key_and_file(tmp_path, text, message):
@@ -141,6 +152,12 @@ def test_bad_override_names_set(tmp_path):
         load_config(path, ["train.workers=0"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(path, ["lam=1"])
+    for item, message in (("optim.lr=inf", r"--set: optim\.lr = 'inf': expected a finite number"),
+                          ("loss.sigma=-5", r"--set: loss\.sigma = -5\.0: must lie in \[-1, 1\)"),
+                          ("train.name=..", r"--set: train\.name = '\.\.': must be a name")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [item])
+    assert load_config(path, ["train.name=demo-2026_12.s0", "loss.sigma=-1", "optim.lr=1e-3"]).train.name == "demo-2026_12.s0"
 
 
 def test_missing_file():

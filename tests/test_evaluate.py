@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +122,16 @@ def test_bad_input(eval_set, model, tok, tmp_path):
     r = run_task("retrieval", model, tok, str(tmp_path / "retrieval.csv"), str(eval_set))
     assert r.rows == 20 and r.scored == 19 and r.skipped == [{"row": 3, "image": "images/eval/missing.jpg",
                                                               "reason": "image not found"}]
+    shutil.copyfile(eval_set / rows.loc[5, "image"], tmp_path / "elsewhere.jpg")
+    outside = os.path.relpath(tmp_path / "elsewhere.jpg", eval_set)  # ../../.../elsewhere.jpg
+    rows.loc[5, "image"] = outside
+    rows.loc[6, "image"] = str(eval_set / rows.loc[6, "image"])  # absolute, inside the root: fine
+    rows.to_csv(tmp_path / "retrieval.csv", index=False)
+    r = run_task("retrieval", model, tok, str(tmp_path / "retrieval.csv"), str(eval_set))
+    assert r.scored == 18 and [s["row"] for s in r.skipped] == [3, 5]
+    assert r.skipped[1]["reason"].startswith(f"image path '{outside}' leaves the images root")
+    r = run_task("retrieval", model, tok, str(tmp_path / "retrieval.csv"), str(eval_set), images_anywhere=True)
+    assert r.scored == 19
     bad = pd.read_csv(eval_set / "eval/concepts.csv").head(5)
     bad.loc[2, "scale"] = 7
     bad.to_csv(tmp_path / "concepts.csv", index=False)

@@ -48,7 +48,13 @@ def test_the_shipped_ablation_runs_to_its_end(tmp_path, repo_root, tiny_shards):
                        "--set", "sweep.seeds=1", "--set", "sweep.max_concurrent=2"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "6 trials (0 failed, 0 stopped early); best eval/classify/top1" in out.stdout
-    assert "trial 6/6 started: config={'name': '+ dkw (MAKE)'" in out.stdout  # progress a person can read
+    # progress a person can read: every row started and ended (two at a time start in either order)
+    started = [line for line in out.stdout.splitlines() if " started: config={'name': " in line]
+    assert sorted(line.split(": ", 1)[0] for line in started) == [f"trial {i}/6 started" for i in range(1, 7)]
+    assert {line.split("'name': ")[1].split("'")[1] for line in started} == {
+        row["name"] for row in yaml.safe_load((repo_root / "configs/sweep_ablation.yaml").read_text())
+        ["space"]["config"]["grid"]}
+    assert sum(line.endswith(" ended") for line in out.stdout.splitlines()) == 6
     assert "WARNING" not in out.stdout and "(RayTrainWorker" not in out.stdout  # the libraries' logs: in files
     client, parent, trials = sweep_runs(db, "ablation")
     assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)

@@ -3,6 +3,7 @@ standard AWS settings (AWS_ENDPOINT_URL, keys, region), as a user's S3 or
 S3-compatible store is. Shards, training, checkpoints, resume, export and
 held-out evaluation all on s3://; bad settings refused before any worker starts."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -206,6 +207,28 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert "['psoriasis', 'eczema', 'melanoma'] (2, 3) 1.0" in loaded.stdout
     assert "(1, 128)" in loaded.stdout  # no classes: the embedding (make-tiny: 128 wide)
+
+
+def test_a_runs_lease_holds_in_the_bucket(s3, capfd):
+    """The lease on object storage: created only if absent (a conditional
+    put), a second holder refused naming the first, given back at the end,
+    and one left by a holder on another machine taken over once old."""
+    from make_dist import lease
+    from make_dist.lease import Lease
+
+    folder = "s3://make/leases/run"
+    with Lease(folder, "make-dist training run", rename="give this run another train.name"):
+        with pytest.raises(UserError, match=r"s3://make/leases/run is in use by another run \(make-dist training run "
+                                            rf"on host .*, pid {os.getpid()},"):
+            Lease(folder, "make-dist training run", rename="-").acquire()
+    fs = _fresh_s3()
+    assert not fs.exists("make/leases/run/.lease.json")
+    stale = dataclasses.asdict(lease.Holder.me("make-dist training run"))
+    stale.update(host="node-7", boot="another", pid=1, renewed=time.time() - lease.TTL_S - 1)
+    fs.pipe("make/leases/run/.lease.json", json.dumps(stale).encode())
+    with Lease(folder, "make-dist training run", rename="-"):
+        assert json.loads(_fresh_s3().cat("make/leases/run/.lease.json"))["pid"] == os.getpid()
+    assert "taking over the lease" in capfd.readouterr().err
 
 
 def test_bad_storage_settings_are_refused_before_any_worker(tmp_path, repo_root, tiny_shards, s3, monkeypatch):

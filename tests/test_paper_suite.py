@@ -104,7 +104,7 @@ def test_classification_equals_an_independent_computation(suite, model, tok, dat
     names = ["nevus", "basal cell carcinoma", "actinic keratosis", "seborrheic keratosis",
              "squamous cell carcinoma", "melanoma"]
     paths = [str(p) for p in sorted((data / "PAD/images").iterdir(), key=lambda p: int(p.name.split("_")[1]))]
-    images, _, _ = encode_images(model, paths, None)
+    images, _, _ = encode_images(model, paths, None, anywhere=True)
     with torch.no_grad():
         prototypes = []
         for name in names:
@@ -292,3 +292,21 @@ def test_the_suite_reads_any_fsspec_url(suite, model, tok, data):
             assert remote[name].result.metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
     assert remote["SD-128"].status == "missing"
     fs.rm("/paper", recursive=True)
+
+
+def test_a_tables_paths_that_leave_the_data_are_not_read(tmp_path):
+    """Paths as written are read only inside the folder above DIR (where the
+    authors' commands run); elsewhere, a file or a URL is not tried, and the
+    image is looked for by name in the set's own folder."""
+    from PIL import Image
+
+    data = tmp_path / "work/data"
+    (data / "PAD/images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "PAD/images/kept.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")  # outside the work folder
+    finder = paper.ImageFinder(str(data), paper.BENCHMARKS[0])
+    assert finder.find("data/PAD/images/kept.png")[0] == str(data / "PAD/images/kept.png")
+    for outside in ("../secret.png", str(tmp_path / "secret.png"), "http://127.0.0.1:9/secret.png"):
+        found, tried = finder.find(outside)
+        assert found is None and tried == [f"{data}/PAD/images/secret.png"], (outside, tried)
+    assert finder.find(str(tmp_path / "elsewhere/kept.png"))[0] == str(data / "PAD/images/kept.png")  # by name

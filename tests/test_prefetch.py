@@ -14,7 +14,7 @@ def host_batches(n=3, b=4, slots=5):
         mask = torch.rand(b, slots, generator=g) > 0.3
         mask[:, 0] = True
         yield Batch(image=torch.randint(0, 256, (b, 3, 8, 8), generator=g, dtype=torch.uint8), tokens=tokens,
-                    mask=mask, lengths=7 * mask.long(), keys=[f"{i}-{j}" for j in range(b)], skipped=i)
+                    mask=mask, lengths=7 * mask.long(), keys=[f"{i}-{j}" for j in range(b)], skipped_samples=i)
 
 
 def test_prefetch_hands_over_every_batch_in_order():
@@ -24,7 +24,7 @@ def test_prefetch_hands_over_every_batch_in_order():
     for a, b in zip(got, want):
         assert a.image.dtype == torch.uint8 and torch.equal(a.image, b.image)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask) and torch.equal(a.lengths, b.lengths)
-        assert a.keys == b.keys and a.skipped == b.skipped
+        assert a.keys == b.keys and a.skipped_samples == b.skipped_samples
 
 
 def test_a_batch_moves_its_model_inputs_and_keeps_its_lengths_on_the_host():

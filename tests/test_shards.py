@@ -20,6 +20,7 @@ from make_dist.config import DataConfig, ModelConfig
 from make_dist.data.schema import ColumnMap, Sample, load_column_map
 from make_dist.data.shards import write_shards
 from make_dist.data.stream import make_loader, shard_urls
+from make_dist.errors import UserError
 from make_dist.model import tokenizer
 
 EXE = Path(sys.executable).parent / "make-dist"
@@ -136,10 +137,12 @@ def test_parquet_typed_fields(tmp_path):
                           "label": ["x", "y", "z"]})
     frame["count"] = [1, 2, 3]
     frame.to_parquet(tmp_path / "t.parquet")
-    manifest = write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ColumnMap(label="count"),
-                            images_root=str(img), workers=1, progress=False)
-    reasons = {s["row"]: s["reason"] for s in manifest["skipped"]}
-    assert "empty caption" in reasons[1] and "label (column 'count') is int" in reasons[0]
+    with pytest.raises(UserError) as caught:  # no row makes a sample: a failed run, which says why
+        write_shards(str(tmp_path / "t.parquet"), str(tmp_path / "out"), ColumnMap(label="count"),
+                     images_root=str(img), workers=1, progress=False)
+    assert "row 1 a.jpg: empty caption" in str(caught.value)
+    assert "row 0 a.jpg: label (column 'count') is int 1, not text" in str(caught.value)
+    assert not (tmp_path / "out").exists()  # and leaves no folder behind
 
 
 def test_parquet_list_column_of_subtexts(tmp_path):
@@ -218,3 +221,88 @@ def test_interrupted_run_leaves_no_corrupt_shard_and_resumes(tmp_path):
     assert "already complete" in again.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == rows and len(manifest["shards"]) == rows // 10 and manifest["skipped"] == []
+
+
+def test_a_rerun_with_another_table_or_options_is_refused(tmp_path):
+    """The folder's job record: a rerun into the same --out must be the same
+    job, or the new table's rows would never be written beside the old shards."""
+    img = tmp_path / "img"
+    save_image(img / "a.jpg")
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    pd.DataFrame({"image": ["a.jpg"] * 4, "caption": [f"Old {i}." for i in range(4)]}).to_csv(first, index=False)
+    pd.DataFrame({"image": ["a.jpg"] * 4, "caption": [f"New {i}." for i in range(4)]}).to_csv(second, index=False)
+    out = tmp_path / "out"
+    write_shards(str(first), str(out), ColumnMap(), images_root=str(img), shard_size=2, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    with pytest.raises(UserError, match=r"--out .*out holds shards of another job \(from .*first\.csv\); what "
+                                        r"differs: the table's content\. .*write to another --out, or remove"):
+        write_shards(str(second), str(out), ColumnMap(), images_root=str(img), shard_size=2, workers=1, progress=False)
+    with pytest.raises(UserError, match=r"what differs: image_max_side \(None then, 32 now\)"):
+        write_shards(str(first), str(out), ColumnMap(), images_root=str(img), shard_size=2, image_max_side=32,
+                     workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.tar")} == before  # nothing touched
+    assert json.loads((out / "manifest.json").read_text())["table"] == str(first)
+    again = write_shards(str(first), str(out), ColumnMap(), images_root=str(img) + "/", shard_size=2, workers=1,
+                         progress=False)  # the same job (the root spelt otherwise): finished, not refused
+    assert again["samples"] == 4
+
+
+def test_image_paths_stay_under_the_images_root_unless_allowed(tmp_path):
+    """'..', an absolute path and a URL in a table are not read (nor fetched)
+    by default: skipped with the reason; --images-anywhere reads them."""
+    import http.server
+    import threading
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    save_image(root / "in.jpg")
+    save_image(outside / "x.jpg", colour=(10, 200, 10))
+    fetched = []
+
+    class Images(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(outside), **kwargs)
+
+        def log_message(self, *args):
+            fetched.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.jpg"
+    try:
+        paths = ["in.jpg", "../outside/x.jpg", str(outside / "x.jpg"), url, "sub/../in.jpg"]
+        table = tmp_path / "t.csv"
+        pd.DataFrame({"image": paths, "caption": [f"Case {i}." for i in range(5)]}).to_csv(table, index=False)
+        cmd = [str(EXE), "shards", "--table", str(table), "--images-root", str(root), "--columns",
+               str(tmp_path / "cols.yaml"), "--workers", "1"]
+        (tmp_path / "cols.yaml").write_text("image: image\ncaption: caption\n")
+        out = subprocess.run(cmd + ["--out", str(tmp_path / "confined")], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        manifest = json.loads((tmp_path / "confined/manifest.json").read_text())
+        assert manifest["samples"] == 2  # in.jpg, and sub/../in.jpg (inside the root)
+        assert {s["row"] for s in manifest["skipped"]} == {1, 2, 3}
+        assert all("leaves the images root" in s["reason"] and "--images-anywhere" in s["reason"]
+                   for s in manifest["skipped"])
+        assert fetched == []  # the URL was never requested
+        out = subprocess.run(cmd + ["--out", str(tmp_path / "anywhere"), "--images-anywhere"], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads((tmp_path / "anywhere/manifest.json").read_text())["samples"] == 5 and fetched
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_run_leaves_no_out_folder(tmp_path):
+    """A table none of whose rows makes a sample: the command fails saying why
+    and removes the --out it made; a folder that was there is left as it was."""
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"image": ["gone.jpg", "also-gone.jpg"], "caption": ["A.", "B."]}).to_csv(table, index=False)
+    (tmp_path / "cols.yaml").write_text("image: image\ncaption: caption\n")
+    cmd = [str(EXE), "shards", "--table", str(table), "--images-root", str(tmp_path), "--columns",
+           str(tmp_path / "cols.yaml"), "--workers", "1"]
+    out = subprocess.run(cmd + ["--out", str(tmp_path / "new")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no row of" in out.stderr and "row 0 gone.jpg: image not found" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept/notes.txt").write_text("mine")
+    out = subprocess.run(cmd + ["--out", str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and (tmp_path / "kept/notes.txt").read_text() == "mine"

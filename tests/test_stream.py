@@ -1,8 +1,9 @@
-"""Streaming: rank and worker splits, equal batch counts, corrupt samples, URL policy."""
+"""Streaming: rank and worker splits, equal batch counts, corrupt samples and shards, URL policy."""
 
 import io
 import json
 import tarfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from PIL import Image
 from make_dist.config import DataConfig, ModelConfig
 from make_dist.data.schema import Sample
 from make_dist.data.stream import image_transform, make_loader, shard_urls
-from make_dist.errors import UserError
+from make_dist.errors import DataError, UserError
 from make_dist.model import tokenizer
 from make_dist.slots import read_by_loss
 from make_dist.tokens import token_lengths
@@ -100,7 +101,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     write_tar(tmp_path / "bad.tar", members)
     batches = list(make_loader(in_order([str(tmp_path / "bad.tar")], batch_size=2), tok, image_size=32))
     assert keys_of(batches) == [f"{i:09d}" for i in (0, 3, 5)]
-    assert sum(b.skipped for b in batches) == 3
+    assert sum(b.skipped_samples for b in batches) == 3 and sum(b.skipped_shards for b in batches) == 0
 
 
 def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
@@ -112,8 +113,50 @@ def test_truncated_shard_keeps_what_it_can(tmp_path, tok):
     write_tar(tmp_path / "whole.tar", members)
     data = (tmp_path / "whole.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.6)])
-    batches = list(make_loader(in_order([str(tmp_path / "cut.tar")], batch_size=8), tok, image_size=32))
-    assert 1 <= len(keys_of(batches)) < 4 and sum(b.skipped for b in batches) >= 1
+    batches = list(make_loader(in_order([str(tmp_path / "cut.tar"), str(tmp_path / "gone.tar"), str(tmp_path / "whole.tar")],
+                                        batch_size=8), tok, image_size=32))
+    kept = keys_of(batches)
+    assert 4 + 1 <= len(kept) < 4 + 4  # the whole shard, and what the cut one held before it broke
+    # Counted as what they are: two shards (one broken part-way, one missing), no sample (those lost are unknown).
+    assert sum(b.skipped_shards for b in batches) == 2 and sum(b.skipped_samples for b in batches) == 0
+
+
+def corrupt_shards(folder, n=4, per_shard=3):
+    """n shards of undecodable samples (a tar whose images are not images)."""
+    for i in range(n):
+        write_tar(folder / f"bad-{i}.tar", [m for j in range(per_shard) for m in
+                                            ((f"{i}{j:08d}.jpg", b"\xff\xd8 no jpeg"), (f"{i}{j:08d}.json", record(j)))])
+    return [str(folder / f"bad-{i}.tar") for i in range(n)]
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_shards_that_can_make_no_batch_stop_the_stream_naming_them(tmp_path, tok, loader_workers):
+    """Drawn at random, unreadable shards used to be skipped forever (millions
+    of skips, no step): the stream stops once every shard has failed without
+    one good sample, in one line naming shards (also from a loader process)."""
+    (tmp_path / "not-a-tar.tar").write_bytes(b"\0" * 100)
+    (tmp_path / "cut.tar").write_bytes(b"\1" * 700)
+    urls = [str(tmp_path / name) for name in ("not-a-tar.tar", "gone.tar", "cut.tar")]
+    data = DataConfig(train_shards=urls, batch_size=2, augment=False, num_workers=loader_workers, shuffle_buffer=0)
+    with pytest.raises(DataError) as caught:
+        next(iter(make_loader(data, tok, image_size=32, batches_per_worker=10)))
+    message = str(caught.value)
+    assert message.startswith("data.train_shards: no batch can be made: every one of its 3 shards is unreadable, "
+                              "and no sample was read (")
+    assert f"{tmp_path}/gone.tar: FileNotFoundError" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_a_long_run_of_corrupt_samples_stops_the_stream(tmp_path, tok):
+    """A shard that opens but whose every sample is corrupt: the bound on reads that fail in a row."""
+    urls = corrupt_shards(tmp_path, n=1, per_shard=30)
+    good = tmp_path / "good.tar"
+    write_tar(good, [(f"{9:09d}.jpg", jpeg()), (f"{9:09d}.json", record(9))])
+    data = DataConfig(train_shards=[*urls, str(good)], batch_size=2, augment=False, num_workers=0, shuffle_buffer=0,
+                      resampled=False, max_failures_in_a_row=20)
+    with pytest.raises(DataError, match=r"20 reads failed in a row \(data.max_failures_in_a_row = 20\)"):
+        list(make_loader(data, tok, image_size=32))
+    assert len(keys_of(make_loader(replace(data, max_failures_in_a_row=31), tok, image_size=32))) == 1
 
 
 def test_pipe_urls_need_explicit_permission(uneven_shards, tok):

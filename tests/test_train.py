@@ -174,6 +174,86 @@ def test_a_sweeps_trial_that_fails_is_marked_by_its_sweep(tmp_path, shards, repo
     assert client.get_run(trial.info.run_id).info.status == "FAILED"
 
 
+def plant(path: Path, marker: Path) -> None:
+    """An object in a checkpoint file that runs a shell command when unpickled."""
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    state = torch.load(path, weights_only=False)  # our own file, in the test: trusted here
+    state["payload"] = Payload()
+    torch.save(state, path)
+
+
+def test_a_resume_reads_the_newest_whole_checkpoint_and_refuses_one_that_carries_code(
+        tmp_path, shards, repo_root, ray_local, capfd):
+    """Two ranks, checkpoints at steps 2 and 4. Rank 1's part of the newer one
+    is truncated (rank 0's reads fine): both ranks fall back to step 2, each
+    step logged once. Then an object planted in a checkpoint (as a tampered
+    run folder would hold) stops the resume in one line naming the file, and
+    its command never runs."""
+    from make_dist.errors import UserError
+    from make_dist.train.launch import fit
+
+    settings = {"train.workers": 2, "train.checkpoint_every": 2, "train.name": "resumed"}
+    fit(tiny(tmp_path, shards, repo_root, **settings, **{"train.steps": 4}))
+    run_dir = tmp_path / "runs/resumed"
+    older, newer = sorted(run_dir.glob("checkpoint_2*"))
+    part = newer / "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.write_bytes(part.read_bytes()[:1000])
+    capfd.readouterr()
+    fit(tiny(tmp_path, shards, repo_root, **settings, **{"train.steps": 6}))
+    time.sleep(1)  # the workers' lines reach the driver's output through Ray's log monitor
+    out = capfd.readouterr().out
+    assert f"the checkpoint {newer} could not be read on every rank" in out, out[-3000:]
+    assert f"resuming from the one before, {older}" in out and "resumed from the checkpoint of step 2" in out
+    _, run, history = run_history(tmp_path)
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 ran twice, and are logged once
+    assert run.info.status == "FINISHED"
+
+    marker = tmp_path / "payload-ran"
+    newest = sorted(run_dir.glob("checkpoint_2*"))[-1]
+    plant(newest / "state/mp_rank_00_model_states.pt", marker)
+    with pytest.raises(UserError) as refused:
+        fit(tiny(tmp_path, shards, repo_root, **settings, **{"train.steps": 8}))
+    message = str(refused.value)
+    assert message.startswith(f"resuming from {newest}: {newest}/state/mp_rank_00_model_states.pt holds a Python "
+                              f"object make-dist's checkpoints never hold (posix.system): refused"), message
+    assert "\n" not in message and not marker.exists()
+
+
+def test_shards_that_make_no_batch_stop_the_run_naming_them(tmp_path, shards, repo_root, ray_local):
+    """Every shard corrupt: the run used to skip samples for ever (millions of
+    warnings, no step). It stops within seconds, in one line naming shards."""
+    from make_dist.errors import UserError
+    from make_dist.train.launch import fit
+
+    for i in range(3):
+        (tmp_path / f"shard-{i}.tar").write_bytes(os.urandom(3000))
+    start = time.time()
+    with pytest.raises(UserError, match=r"data.train_shards: no batch can be made: every one of its 3 shards is "
+                                        r"unreadable, and no sample was read \(.*shard-\d\.tar: "):
+        fit(tiny(tmp_path, shards, repo_root, **{"data.train_shards": f"{tmp_path}/shard-{{0..2}}.tar",
+                                                 "train.workers": 1, "data.num_workers": 1}))
+    assert time.time() - start < 120
+    _, run, _ = run_history(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+def test_every_listed_shard_must_exist_before_ray_starts(tmp_path, shards, repo_root):
+    """A shard missing after the first was found only while streaming (or, drawn at random, never)."""
+    from make_dist.errors import UserError
+    from make_dist.train.launch import check
+
+    listed = shards.replace("manifest.json", "shard-0000{00..11}.tar")
+    check(tiny(tmp_path, shards, repo_root, **{"data.train_shards": listed}))  # all there
+    gone = shards.replace("manifest.json", "shard-0000{00..13}.tar")
+    with pytest.raises(UserError, match=r"data.train_shards: 2 of its 14 shards do not exist: .*shard-000012\.tar, "
+                                        r".*shard-000013\.tar$"):
+        check(tiny(tmp_path, shards, repo_root, **{"data.train_shards": gone}))
+
+
 def test_the_driver_and_a_sweeps_trials_leave_the_models_libraries_to_the_workers():
     """Every run's driver and every trial imports the launcher and the sweep;
     open_clip, torchvision and DeepSpeed load on the workers only (seconds of
@@ -225,6 +305,58 @@ def test_a_down_tracking_server_or_unwritable_storage_fails_before_ray_starts(tm
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and f"{key} = {value}: {message}" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr and "Ray" not in out.stdout + out.stderr and time.time() - start < 30
+
+
+def read_only(path: Path):
+    """Make a file truly read-only, also for root (who writes through a file's
+    mode): the immutable flag. Undone by the caller (`chattr -i`)."""
+    path.chmod(0o444)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
+    with pytest.raises(PermissionError):
+        open(path, "r+b")
+
+
+def test_a_tracking_store_that_cannot_take_the_run_fails_before_ray_starts(tmp_path, shards):
+    """A server that answers its health check but 503 on its API (its store
+    down) left the driver silent for minutes; a read-only SQLite file and a
+    `file:` store (which MLflow 3 refuses) failed with tracebacks after Ray
+    started. Each is refused in one line naming tracking.uri, within seconds."""
+    import http.server
+    import threading
+
+    class HealthyButBroken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+            self.wfile.write(b"OK" if self.path == "/health" else b"store unavailable")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthyButBroken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = tmp_path / "ro/mlflow.db"
+    tracking_db(db)
+    read_only(db)
+    stub = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for value, message in ((stub, "the MLflow server answers /api/2.0/mlflow/experiments/search?max_results=1 "
+                                      "with HTTP 503"),
+                               (f"sqlite:///{db}", "MLflow cannot write this store (attempt to write a readonly database)"),
+                               (f"file://{tmp_path}/mlruns", "MLflow cannot use this store: The filesystem tracking "
+                                                             "backend (e.g., './mlruns') is in maintenance mode")):
+            start = time.time()
+            out = subprocess.run([str(EXE), "train", "--set", f"data.train_shards={shards}",
+                                  "--set", f"train.storage={tmp_path}/runs", "--set", f"tracking.uri={value}"],
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and f"tracking.uri = {value}: {message}" in out.stderr, out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1 and "Ray" not in out.stdout + out.stderr
+            assert time.time() - start < 30
+    finally:
+        server.shutdown()
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(db)], check=False)
 
 
 def test_an_unreachable_cluster_address_fails_within_seconds(tmp_path, shards):
@@ -342,6 +474,52 @@ def test_stopped_run_resumes_when_restarted(tmp_path, shards, repo_root):
     client, run, history = run_history(tmp_path)
     assert run.info.run_id == first_run.info.run_id  # the same MLflow run continues
     assert history[-1].step == 40 and run.info.status == "FINISHED"
+
+
+def test_two_runs_of_one_name_started_together_one_is_refused(tmp_path, shards, repo_root):
+    """Both used to report success, their checkpoints mixed in one folder and
+    one's model overwriting the other's. The run folder's lease lets one in;
+    the other stops before Ray starts, naming the holder."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    racing = {"train.steps": 2, "train.name": "contested", "train.storage": str(tmp_path / "runs"),
+              "train.workers": 1}
+    first, _ = start_training(tmp_path / "a", shards, repo_root, **racing)
+    second, _ = start_training(tmp_path / "b", shards, repo_root, **racing)
+    codes = sorted((first.wait(timeout=400), second.wait(timeout=400)))
+    logs = [(tmp_path / folder / "train.log").read_text() for folder in "ab"]
+    assert codes == [0, 2], logs
+    refused = next(log for log in logs if "is in use by another run" in log)
+    assert f"make-dist: {tmp_path}/runs/contested is in use by another run (make-dist training run on host " in refused
+    assert "give this run another train.name" in refused and "Traceback" not in refused
+    assert "Started a local Ray instance" not in refused  # refused before Ray started
+    assert not (tmp_path / "runs/contested/.lease.json").exists()  # the winner gave it back
+
+
+def test_a_killed_driver_leaves_no_ray_behind_and_its_run_resumes(tmp_path, shards, repo_root):
+    """SIGKILL to the driver alone: its embedded Ray's processes (the dashboard
+    and runtime-env agents lived a minute and more) end within seconds; the
+    same command takes over the dead run's lease at once and resumes, each step
+    in the MLflow run once (a resumed run used to log replayed steps again)."""
+    steps = {"train.steps": 40, "train.checkpoint_every": 4, "train.name": "killed", "data.num_workers": 0}
+    proc, args = start_training(tmp_path, shards, repo_root, **steps)
+    wait_for_checkpoint(tmp_path / "runs/killed", proc)
+    time.sleep(2)  # past the checkpoint: steps logged that the resumed run replays
+    spawned = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert any("raylet" in " ".join(p.cmdline()) for p in spawned)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(spawned, timeout=20)
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    _, _, before = run_history(tmp_path)
+    assert 4 <= before[-1].step < 40 and (tmp_path / "runs/killed/.lease.json").exists()
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "taking over the lease of a run that ended without giving it back" in again.stderr
+    assert "resumed from the checkpoint of step" in again.stdout + again.stderr
+    _, run, history = run_history(tmp_path)
+    assert [m.step for m in history] == list(range(1, 41)) and run.info.status == "FINISHED"
 
 
 def test_a_rank_restoring_late_does_not_rewrite_the_checkpoint_another_rank_reads(tmp_path):

@@ -3,21 +3,29 @@
     OUT/shard-000000.tar ...     {key}.jpg and {key}.json (schema.Sample.to_json)
     OUT/manifest.json            samples, shards, skipped [{row, image, reason}], ...
     OUT/_parts/shard-NNNNNN.json one record per finished shard (what a rerun skips)
+    OUT/_parts/job.json          what the shards are made of: the table's digest, the columns, the options
 
 Shard i holds the usable rows of table rows [i * shard_size, (i + 1) * shard_size).
 A shard is written under a temporary name and renamed when complete, then
 its part record is written: an interrupted run leaves no corrupt shard, and a
-rerun redoes only the shards without a part record. A row that cannot become
-a sample (missing or unreadable image, empty caption, a badly typed or
+rerun redoes only the shards without a part record. A rerun must be the same
+job (the same table content, column map and options, `job.json`): another
+one is refused, since its shards would mix with the first's. A run that
+fails before any shard is complete removes the --out folder it created.
+
+A row that cannot become a sample (missing or unreadable image, an image
+path that leaves the images root, empty caption, a badly typed or
 undecodable field) is skipped, and its reason lands in the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
+import dataclasses
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -29,16 +37,19 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import UserError
-from ..files import atomic_writer, open_image, read_bytes, storage_problem, write_atomic
+from ..files import OutsideRoot, atomic_writer, check_writable, image_location, open_image, read_bytes, storage_problem, write_atomic
 from ..slots import DEFAULT_K
 from .schema import ColumnMap, RowError
 
 MANIFEST = "manifest.json"
 PARTS = "_parts"
+JOB = "job.json"  # in PARTS
+JPEG_QUALITY = 90
 
 
-def read_table(path: str) -> list[dict[str, Any]]:
-    """Rows of a CSV or Parquet table (local path or fsspec URL) as dicts.
+def read_table(path: str, data: bytes | None = None) -> list[dict[str, Any]]:
+    """Rows of a CSV or Parquet table (local path or fsspec URL; or its bytes,
+    `data`, already read) as dicts.
 
     CSV cells are read as text; bytes that are not UTF-8 are kept escaped so
     the row they sit in can be skipped with a reason rather than failing the
@@ -46,11 +57,12 @@ def read_table(path: str) -> list[dict[str, Any]]:
     """
     import pandas as pd
 
+    source = io.BytesIO(data) if data is not None else path
     try:
         if path.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
+            frame = pd.read_parquet(source)
         else:
-            frame = pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
+            frame = pd.read_csv(source, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
     except FileNotFoundError:
         raise UserError(f"table not found: {path}") from None
     except Exception as e:  # a table that does not parse at all
@@ -58,9 +70,9 @@ def read_table(path: str) -> list[dict[str, Any]]:
     return frame.to_dict("records")
 
 
-def table_rows(table: str, columns: list[str]) -> list[dict[str, Any]]:
+def table_rows(table: str, columns: list[str], data: bytes | None = None) -> list[dict[str, Any]]:
     """The rows of a table that must not be empty and must have these columns."""
-    rows = read_table(table)
+    rows = read_table(table, data)
     if not rows:
         raise UserError(f"{table}: the table has no rows")
     absent = [c for c in columns if c not in rows[0]]
@@ -82,7 +94,7 @@ class Prepared:
 
 
 def prepare_row(row: int, cells: dict, columns: ColumnMap, images_root: str | None,
-                max_side: int | None, k: int, quality: int = 90) -> Prepared:
+                max_side: int | None, k: int, anywhere: bool = False) -> Prepared:
     """Texts and image of one row (runs in a worker process)."""
     path = cells.get(columns.image)
     if not isinstance(path, str) or not path.strip():
@@ -92,19 +104,14 @@ def prepare_row(row: int, cells: dict, columns: ColumnMap, images_root: str | No
     except RowError as e:
         return Prepared(row, path, reason=str(e))
     try:
-        jpeg = load_image(resolve(path, images_root), max_side, quality)
+        jpeg = load_image(image_location(path, images_root, anywhere), max_side, JPEG_QUALITY)
+    except OutsideRoot as e:
+        return Prepared(row, path, reason=str(e))
     except FileNotFoundError:
         return Prepared(row, path, reason="image not found")
     except Exception as e:  # unreadable, truncated, not an image
         return Prepared(row, path, reason=f"image unreadable: {type(e).__name__}: {e}")
     return Prepared(row, path, record=sample.to_json(), jpeg=jpeg)
-
-
-def resolve(path: str, images_root: str | None) -> str:
-    """A URL or absolute path as it is; a relative path under images_root."""
-    if "://" in path or os.path.isabs(path) or not images_root:
-        return path
-    return images_root.rstrip("/") + "/" + path
 
 
 def load_image(url: str, max_side: int | None, quality: int = 90) -> bytes:
@@ -127,17 +134,42 @@ def load_image(url: str, max_side: int | None, quality: int = 90) -> bytes:
 
 def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str | None = None,
                  shard_size: int = 1000, image_max_side: int | None = None, k: int = DEFAULT_K,
-                 workers: int | None = None, progress: bool = True) -> dict:
-    """Write (or finish writing) the shards of a table; returns the manifest."""
-    from tqdm import tqdm
-
+                 workers: int | None = None, progress: bool = True, images_anywhere: bool = False) -> dict:
+    """Write (or finish writing) the shards of a table; returns the manifest.
+    images_anywhere: read image paths that leave images_root (absolute
+    paths, '..', URLs) as written; by default such a row is skipped."""
     if shard_size < 1:
         raise UserError("shards: --shard-size must be >= 1")
-    rows = table_rows(table, columns.used())
+    try:
+        data = read_bytes(table)
+    except FileNotFoundError:
+        raise UserError(f"table not found: {table}") from None
+    except Exception as e:
+        raise UserError(f"--table {table}: {storage_problem(e)}") from None
+    rows = table_rows(table, columns.used(), data)
+    job = {"table": table, "table_sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows),
+           "columns": dataclasses.asdict(columns),
+           "images_root": os.path.abspath(images_root) if images_root and "://" not in images_root else images_root, "images_anywhere": images_anywhere,
+           "shard_size": shard_size, "image_max_side": image_max_side, "subtexts": k, "jpeg_quality": JPEG_QUALITY}
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(f"{root}/{PARTS}", exist_ok=True)
+    created = not fs.exists(root)
+    check_writable(out, "--out")
+    try:
+        return _write_job(fs, root, out, rows, columns, job, workers, progress)
+    except BaseException:
+        if created and not any(p["samples"] for p in _finished_parts(fs, root).values()):
+            fs.rm(root, recursive=True)  # it holds no sample: leave no folder behind
+        raise
+
+
+def _write_job(fs, root: str, out: str, rows: list[dict], columns: ColumnMap, job: dict, workers: int | None,
+               progress: bool) -> dict:
+    from tqdm import tqdm
+
+    _same_job(fs, root, out, job)
+    shard_size = job["shard_size"]
     n_shards = (len(rows) + shard_size - 1) // shard_size
-    done = _finished_parts(fs, root, shard_size)
+    done = _finished_parts(fs, root)
     todo = [i for i in range(n_shards) if i not in done]
     if done:
         print(f"shards: {len(done)} of {n_shards} shards already complete in {out}; writing the other {len(todo)}")
@@ -147,7 +179,8 @@ def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str |
     with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
 
         def submit(i):  # map() submits at once: the workers run ahead of the writer
-            jobs = [(r, rows[r], columns, images_root, image_max_side, k) for r in _rows_of(i, shard_size, len(rows))]
+            jobs = [(r, rows[r], columns, job["images_root"], job["image_max_side"], job["subtexts"],
+                     job["images_anywhere"]) for r in _rows_of(i, shard_size, len(rows))]
             return i, pool.map(_prepare_star, jobs, chunksize=8)
 
         def finish(i, results):
@@ -166,10 +199,40 @@ def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str |
             finish(*in_flight.popleft())
     bar.close()
 
-    manifest = _manifest(fs, root, out, table, n_shards, shard_size, k)
+    parts = _finished_parts(fs, root)
+    if not any(p["samples"] for p in parts.values()):
+        skipped = [s for i in sorted(parts) for s in parts[i]["skipped"]]
+        shown = "; ".join(f"row {s['row']} {s['image']}: {s['reason']}" for s in skipped[:3])
+        raise UserError(f"shards: no row of {job['table']} became a sample ({len(skipped)} skipped; {shown}"
+                        f"{' ...' if len(skipped) > 3 else ''})")
+    manifest = _manifest(fs, root, out, job["table"], n_shards, shard_size, job["subtexts"])
     print(f"shards: {manifest['samples']} samples in {len(manifest['shards'])} shards at {out}; "
           f"skipped {len(manifest['skipped'])} rows (reasons in {out.rstrip('/')}/{MANIFEST})")
     return manifest
+
+
+def _same_job(fs, root: str, out: str, job: dict) -> None:
+    """Record the job in a new folder; in one that holds shards, it must be the
+    job that wrote them (a rerun finishes it): another table, column map or
+    option would leave shards of two jobs under one manifest."""
+    path = f"{root}/{PARTS}/{JOB}"
+    try:
+        recorded = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        if _finished_parts(fs, root):
+            raise UserError(f"--out {out} holds shards with no record of what they were made from (an older "
+                            f"make-dist wrote them): write to an empty folder, or remove {out} first") from None
+        write_atomic(_url(fs, path), json.dumps(job, indent=1))
+        return
+    except ValueError:
+        raise UserError(f"{_url(fs, path)}: damaged; remove {out} and write the shards again") from None
+    differ = [k for k in job if k != "table" and recorded.get(k) != job[k]]
+    if differ:
+        named = {"table_sha256": "the table's content", "rows": "the table's rows"}
+        shown = ", ".join(named.get(k, f"{k} ({recorded.get(k)!r} then, {job[k]!r} now)") for k in differ)
+        raise UserError(f"--out {out} holds shards of another job (from {recorded.get('table')}); what differs: "
+                        f"{shown}. Its shards would mix with this job's: write to another --out, or remove {out} "
+                        f"to start afresh")
 
 
 def _rows_of(i: int, shard_size: int, n_rows: int) -> range:
@@ -203,20 +266,16 @@ def _write_shard(fs, root: str, i: int, shard_size: int, prepared: list[Prepared
     write_atomic(_url(fs, f"{root}/{PARTS}/{shard_name(i)[:-4]}.json"), json.dumps(part, indent=1))
 
 
-def _finished_parts(fs, root: str, shard_size: int) -> dict[int, dict]:
+def _finished_parts(fs, root: str) -> dict[int, dict]:
+    """The part records of the shards finished so far, by shard index."""
     parts = {}
     for path in fs.glob(f"{root}/{PARTS}/shard-*.json"):
-        part = json.loads(fs.cat_file(path))
-        start = part["rows"][0]
-        if start % shard_size:
-            raise UserError(f"{root} holds shards written with another --shard-size; "
-                            f"write to an empty folder or use the same size")
-        parts[start // shard_size] = part
+        parts[int(path.rpartition("shard-")[2][:-len(".json")])] = json.loads(fs.cat_file(path))
     return parts
 
 
 def _manifest(fs, root: str, out: str, table: str, n_shards: int, shard_size: int, k: int) -> dict:
-    parts = _finished_parts(fs, root, shard_size)
+    parts = _finished_parts(fs, root)
     ordered = [parts[i] for i in range(n_shards)]
     manifest = {
         "samples": sum(p["samples"] for p in ordered),

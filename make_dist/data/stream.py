@@ -15,9 +15,14 @@ Two modes:
 - exact (evaluation, tests): the shard list is split by rank, then by loader
   worker: each sample is seen exactly once per pass over all ranks.
 
-A sample that fails inside a shard (a corrupt image or json, a broken tar
-member) is skipped and counted; `skipped` in each batch is the count since
-the worker's previous batch, for the trainer to sum and log.
+What cannot be read is skipped and counted, by what it is: a sample (a
+corrupt image or json) in `skipped_samples`, a shard (missing, unreadable, or
+broken part-way, its remaining samples unknown) in `skipped_shards`, each
+batch carrying the counts since the worker's previous batch for the trainer
+to sum and log. A stream that can make no batch stops (`ReadFailures`): a
+loader worker whose every shard failed since its last good sample, or that
+met `data.max_failures_in_a_row` failures without one, raises DataError
+naming the shards, where it would otherwise draw and skip forever.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from .. import distributed
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..files import open_image
 from ..slots import DEFAULT_K, n_slots
 from ..tokens import token_lengths
@@ -69,20 +74,41 @@ def shard_urls(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
     return urls
 
 
-def open_shards(sources, handler):
-    """Open each shard URL: fsspec for every scheme (local, file://, memory://,
+def open_shard(url: str):
+    """A shard's byte stream: fsspec for every scheme (local, file://, memory://,
     s3://, gs://, ...), webdataset's own opener for pipe: (checked allowed before)."""
     import webdataset as wds
 
+    return wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
+
+
+def shard_samples(sources, failures: "ReadFailures"):
+    """The samples of each shard (its tar members grouped by key). A shard
+    that cannot be opened, or that breaks part-way (the rest of it is lost),
+    is counted once and skipped; a malformed group of members is a sample skipped."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     for source in sources:
-        url = source["url"]
+        url, count = source["url"], 0
         try:
-            stream = wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
+            members = tar_file_expander([dict(source, stream=open_shard(url))])
+            for sample in group_by_keys(members, handler=lambda e, url=url: failures.sample(url, e)):
+                count += 1
+                yield sample
         except Exception as e:
-            if handler(e):
-                continue
-            raise
-        yield dict(source, stream=stream)
+            failures.shard(url, e, unreadable=count == 0)
+
+
+def decoded(samples, decoder: "SampleDecoder", failures: "ReadFailures"):
+    """Each sample decoded; one that fails is counted and skipped."""
+    for sample in samples:
+        try:
+            out = decoder(sample)
+        except Exception as e:
+            failures.sample(sample.get("__url__"), e)
+            continue
+        failures.good()
+        yield out
 
 
 # ---------------------------------------------------------------------------
@@ -119,7 +145,8 @@ class Batch:
     mask: torch.Tensor  # (B, N) bool: slot n of sample b holds a text the loss reads
     lengths: torch.Tensor  # (B, N) int64: real tokens of each encoded text, 0 elsewhere
     keys: list[str]
-    skipped: int = 0  # corrupt samples skipped by the loader worker since its previous batch
+    skipped_samples: int = 0  # corrupt samples the loader worker skipped since its previous batch
+    skipped_shards: int = 0  # shards it could not read (or that broke part-way) since then
     rows_per_rank: list[int] | None = None  # every rank's batch size, when the trainer knows them
 
     # What the device reads. The lengths stay on the host: the text tower's
@@ -182,35 +209,78 @@ class SampleDecoder:
         return cached
 
 
-class SkipCounter:
-    """Exception handler that logs, counts and continues; the batcher reads the count."""
+class ReadFailures:
+    """What one loader worker could not read, counted by kind, and the rule
+    that stops a stream from which no batch can be made: since the last good
+    sample, either every shard the worker draws from (`shards`, when it draws
+    at random; None in order, where a finite stream ends by itself) was
+    unreadable, or `limit` reads failed in a row (samples or shards)."""
 
-    def __init__(self):
-        self.count = 0
+    SHOWN = 3  # shards named in the error
 
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        if self.count <= 5 or self.count % 1000 == 0:
-            log.warning("skipped a corrupt sample (%d so far): %s", self.count, exn)
-        return True
+    def __init__(self, shards: Sequence[str] | None, limit: int):
+        self.all_shards, self.limit = (set(shards) if shards is not None else None), limit
+        self.skipped_samples = self.skipped_shards = 0  # since the last batch
+        self.total = 0
+        # since the last good sample:
+        self.in_a_row = 0
+        self.failed: dict[str, str] = {}  # shard -> its first failure
+        self.unreadable: set[str] = set()  # shards that gave no sample at all
 
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
+    def shard(self, url: str, exn: Exception, unreadable: bool) -> None:
+        """A shard that could not be opened, or broke part-way (`unreadable`: before its first sample)."""
+        self.skipped_shards += 1
+        if unreadable:
+            self.unreadable.add(url)
+        self._failed(url, exn, "shard")
+
+    def sample(self, url: str | None, exn: Exception) -> bool:
+        self.skipped_samples += 1
+        self._failed(url or "?", exn, "sample")
+        return True  # a handler's answer: go on
+
+    def good(self) -> None:
+        self.in_a_row = 0
+        self.failed.clear()
+        self.unreadable.clear()
+
+    def take(self) -> tuple[int, int]:
+        """(samples, shards) skipped since the previous call."""
+        counts = (self.skipped_samples, self.skipped_shards)
+        self.skipped_samples = self.skipped_shards = 0
+        return counts
+
+    def _failed(self, url: str, exn: Exception, what: str) -> None:
+        self.total += 1
+        self.in_a_row += 1
+        self.failed.setdefault(url, f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"[:200])
+        if self.total <= 5 or self.total % 1000 == 0:
+            log.warning("skipped a %s of %s (%d failures so far): %s", what, url, self.total, exn)
+        every_shard = self.all_shards is not None and self.all_shards <= self.unreadable
+        if every_shard or self.in_a_row >= self.limit:
+            named = "; ".join(f"{u}: {why}" for u, why in list(self.failed.items())[: self.SHOWN])
+            more = len(self.failed) - self.SHOWN
+            why = (f"every one of its {len(self.all_shards)} shards is unreadable" if every_shard else
+                   f"{self.in_a_row} reads failed in a row (data.max_failures_in_a_row = {self.limit})")
+            raise DataError(f"data.train_shards: no batch can be made: {why}, and no sample was read ({named}"
+                            f"{f'; and {more} more shards' if more > 0 else ''}). Check the shards, or write "
+                            f"them again with `make-dist shards`")
 
 
 class Batcher:
-    def __init__(self, skips: SkipCounter):
-        self.skips = skips
+    def __init__(self, failures: ReadFailures):
+        self.failures = failures
 
     def __call__(self, samples: list[dict]) -> Batch:
+        skipped_samples, skipped_shards = self.failures.take()
         return Batch(
             image=torch.stack([s["image"] for s in samples]),
             tokens=torch.stack([s["tokens"] for s in samples]),
             mask=torch.stack([s["mask"] for s in samples]),
             lengths=torch.stack([s["lengths"] for s in samples]),
             keys=[s["key"] for s in samples],
-            skipped=self.skips.take(),
+            skipped_samples=skipped_samples,
+            skipped_shards=skipped_shards,
         )
 
 
@@ -232,11 +302,10 @@ def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequenc
                   batches_per_worker: int | None = None):
     """The webdataset pipeline of one rank (an iterable of Batch)."""
     import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     urls = shard_urls(data.train_shards, data.allow_pipe)
     rank, world = rank_and_world(rank, world)
-    skips = SkipCounter()
+    failures = ReadFailures(urls if data.resampled else None, data.max_failures_in_a_row)
     decoder = SampleDecoder(tokenizer, image_transform(image_size, data.augment), image_size, data.subtexts, read,
                            data.caption)
 
@@ -250,16 +319,12 @@ def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequenc
         if len(urls) < world:
             log.warning("%d shards for %d ranks: some ranks get none", len(urls), world)
         stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker]
-    stages += [
-        partial(open_shards, handler=skips),
-        partial(tar_file_expander, handler=skips),
-        partial(group_by_keys, handler=skips),
-    ]
+    stages.append(partial(shard_samples, failures=failures))
     if data.shuffle_buffer > 0:
         stages.append(wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100)))
     stages += [
-        wds.map(decoder, handler=skips),
-        wds.batched(data.batch_size, collation_fn=Batcher(skips), partial=not data.resampled),
+        partial(decoded, decoder=decoder, failures=failures),
+        wds.batched(data.batch_size, collation_fn=Batcher(failures), partial=not data.resampled),
     ]
     dataset = wds.DataPipeline(*stages)
     if data.resampled:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..data.shards import table_rows
 from ..errors import UserError
+from ..files import within
 from . import metrics
 from .report import plots
 from .tasks import (RECALL_KS, TaskResult, classification_result, concepts_result, encode_images, encode_texts,
@@ -207,11 +208,17 @@ class ImageFinder:
         return (self.protocol + self.own[name] if name in self.own else None), tried
 
     def _as_written(self, filename: str, tried: list[str]) -> str | None:
+        """The path as written, when it stays inside the folder above DIR: a
+        table must not make the suite read (or fetch) anything elsewhere."""
         if "://" in filename:
+            if not within(filename, self.protocol + self.above):
+                return None
             tried.append(filename)
             return filename if fsspec.core.url_to_fs(filename)[0].exists(filename) else None
         path = filename if os.path.isabs(filename) else f"{self.above}/{filename}"
         path = path if self.protocol else os.path.normpath(path)
+        if not within(self.protocol + path, self.protocol + self.above):
+            return None
         tried.append(self.protocol + path)
         if path in self.listed or (not self.protocol and os.path.isfile(path)):
             return self.protocol + path
@@ -236,7 +243,8 @@ def _encode_found(model, finder: ImageFinder, filenames: list[str], batch_size: 
     if not located:
         raise UserError(f"{label}: none of its {len(filenames)} images was found "
                         f"(first: {missing[0]['image']!r}: {missing[0]['reason']})")
-    images, found, unreadable = encode_images(model, [u for _, u in located], None, batch_size, progress=label)
+    images, found, unreadable = encode_images(model, [u for _, u in located], None, batch_size, progress=label,
+                                               anywhere=True)  # located by ImageFinder, inside the data
     rows = torch.tensor([located[i][0] for i in found.tolist()])
     for s in unreadable:
         s["row"] = located[s["row"]][0]

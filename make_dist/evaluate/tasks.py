@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TASKS
-from ..data.shards import resolve, table_rows
+from ..data.shards import table_rows
 from ..data.stream import image_transform
 from ..errors import UserError
-from ..files import open_image, read_bytes
+from ..files import OutsideRoot, image_location, open_image, read_bytes
 from ..tokens import token_lengths
 from ..typed import read_yaml
 from . import metrics
@@ -56,16 +56,18 @@ class TaskResult:
 
 
 class _TableImages(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], images_root: str | None, transform):
-        self.paths, self.root, self.transform = paths, images_root, transform
+    def __init__(self, paths: list[str], images_root: str | None, transform, anywhere: bool):
+        self.paths, self.root, self.transform, self.anywhere = paths, images_root, transform, anywhere
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            image = open_image(read_bytes(resolve(self.paths[i], self.root)))
+            image = open_image(read_bytes(image_location(self.paths[i], self.root, self.anywhere)))
             return i, self.transform(image.convert("RGB")), None
+        except OutsideRoot as e:
+            return i, None, str(e)
         except FileNotFoundError:
             return i, None, "image not found"
         except Exception as e:  # unreadable, truncated, not an image
@@ -78,13 +80,14 @@ def _collate(items):
 
 @torch.no_grad()
 def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0,
-                  progress: str | None = None):
+                  progress: str | None = None, anywhere: bool = False):
     """(embeddings (M, D) of the readable images, their row indices, skipped records).
-    progress: a label for a bar of images encoded (none without it)."""
+    progress: a label for a bar of images encoded (none without it). A path
+    that leaves images_root is skipped with its reason unless `anywhere`."""
     from tqdm import tqdm
 
     transform = image_transform(model.image_size, train=False)
-    loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform, anywhere), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     device = _device(model)
     embeddings, rows, skipped = [], [], []
@@ -145,14 +148,16 @@ def load_classes(path: str) -> dict[str, list[str]]:
 
 
 def classify(model, tokenizer, table: str, classes: dict[str, list[str]], images_root: str | None = None,
-             image_column: str = "image", label_column: str = "label", batch_size: int = 64) -> TaskResult:
+             image_column: str = "image", label_column: str = "label", batch_size: int = 64,
+             images_anywhere: bool = False) -> TaskResult:
     rows = table_rows(table, [image_column, label_column])
     names = list(classes)
     unknown = sorted({str(r[label_column]) for r in rows} - set(names))
     if unknown:
         raise UserError(f"{table}: labels not in the class list: {', '.join(unknown[:10])}"
                         f"{' ...' if len(unknown) > 10 else ''} (classes: {', '.join(names[:10])} ...)")
-    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size,
+                                             anywhere=images_anywhere)
     prototypes = torch.stack([_prompt_mean(model, tokenizer, [t.format(n) for t in CLASS_TEMPLATES
                                                               for n in [name, *classes[name]]]) for name in names])
     scores = images @ prototypes.T  # cosines: the ranking of classes
@@ -178,7 +183,7 @@ def classification_result(scores: torch.Tensor, labels: torch.Tensor, names: lis
 
 
 def annotate_concepts(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
-                      batch_size: int = 64) -> TaskResult:
+                      batch_size: int = 64, images_anywhere: bool = False) -> TaskResult:
     rows = table_rows(table, [image_column])
     concepts = [c for c in rows[0] if c != image_column]
     if not concepts:
@@ -187,7 +192,8 @@ def annotate_concepts(model, tokenizer, table: str, images_root: str | None = No
         bad = [i for i, r in enumerate(rows) if str(r[c]).strip() not in ("0", "1", "0.0", "1.0")]
         if bad:
             raise UserError(f"{table}: concept column {c!r} holds {rows[bad[0]][c]!r} at row {bad[0]} (0 or 1 expected)")
-    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size,
+                                             anywhere=images_anywhere)
     scale = model.scale().float().detach()
     probability = torch.zeros(len(scored), len(concepts))
     for concept_template, reference in CONCEPT_TEMPLATES:
@@ -219,10 +225,11 @@ def metric_name(name: str) -> str:
 
 
 def retrieve(model, tokenizer, table: str, images_root: str | None = None, image_column: str = "image",
-             caption_column: str = "caption", batch_size: int = 64) -> TaskResult:
+             caption_column: str = "caption", batch_size: int = 64, images_anywhere: bool = False) -> TaskResult:
     """Row i's image matches row i's caption; every pair of the table is in play."""
     rows = table_rows(table, [image_column, caption_column])
-    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size)
+    images, scored, skipped = encode_images(model, [r[image_column] for r in rows], images_root, batch_size,
+                                             anywhere=images_anywhere)
     captions = encode_texts(model, tokenizer, [str(rows[i][caption_column]) for i in scored.tolist()])
     return retrieval_result(images @ captions.T, len(rows), scored, skipped)
 
@@ -245,16 +252,17 @@ def retrieval_result(similarity: torch.Tensor, rows: int, scored: torch.Tensor, 
 
 
 def run_task(task: str, model, tokenizer, table: str, images_root: str | None = None,
-             classes: str | None = None) -> TaskResult:
+             classes: str | None = None, images_anywhere: bool = False) -> TaskResult:
     model.eval()
     if task == "classify":
         if not classes:
             raise UserError("classify needs a class list (--classes YAML)")
-        return classify(model, tokenizer, table, load_classes(classes), images_root)
+        return classify(model, tokenizer, table, load_classes(classes), images_root,
+                        images_anywhere=images_anywhere)
     if task == "concepts":
-        return annotate_concepts(model, tokenizer, table, images_root)
+        return annotate_concepts(model, tokenizer, table, images_root, images_anywhere=images_anywhere)
     if task == "retrieval":
-        return retrieve(model, tokenizer, table, images_root)
+        return retrieve(model, tokenizer, table, images_root, images_anywhere=images_anywhere)
     raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
 
 

@@ -15,6 +15,7 @@ import os
 import socket
 
 from ..errors import UserError
+from . import reaper
 
 POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls its workers
 LOCAL_POLL_INTERVAL_S = "0.25"  # the embedded Ray's (Ray's default: 2 s)
@@ -55,6 +56,7 @@ def init_ray(quiet: bool = False) -> None:
                        POLL_INTERVAL: os.environ.get(POLL_INTERVAL, LOCAL_POLL_INTERVAL_S)}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  _node_ip_address="127.0.0.1", runtime_env={"env_vars": workers_env}, **options)
+        reaper.watch(os.getpid())  # a driver killed outright leaves no Ray agent behind
 
 
 def _raylet_messages_to_log() -> None:

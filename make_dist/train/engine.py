@@ -5,18 +5,26 @@ Config.text_batching).
 Traps this module steps around (docs/traps.md): the shared-memory comm
 extension DeepSpeed would JIT-compile for 2+ minutes on a CPU machine; its own
 fused Adam (another JIT compile), replaced by a torch AdamW; parameters used
-outside their module's forward under ZeRO-3 (registered as external).
+outside their module's forward under ZeRO-3 (registered as external); and
+DeepSpeed's checkpoint loader, which unpickles whatever a checkpoint file
+holds (`torch.load(weights_only=False)`): a run folder on shared storage
+could run code on every worker that resumes from it. Checkpoints are read
+with torch's weights-only unpickler instead, which admits tensors, builtin
+containers and numbers, and the few DeepSpeed types listed below.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import sys
 
 import torch
 
 from ..config import Config
+from ..errors import RefusedFile
 from ..model import MakeModel
 from .optim import build_optimizer
 
@@ -94,9 +102,61 @@ def save_checkpoint(engine, directory: str, step: int, state: dict) -> None:
     engine.save_checkpoint(directory, tag="state", client_state={"step": step, **state})
 
 
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint whose files are damaged or missing (truncated, not a torch file)."""
+
+
 def load_checkpoint(engine, directory: str) -> dict:
-    """Model, optimiser and schedule restored; returns the client state (step, ...)."""
-    path, client_state = engine.load_checkpoint(directory, tag="state")
+    """Model, optimiser and schedule restored; returns the client state (step, ...).
+
+    Raises RefusedFile for a file holding objects no make-dist checkpoint
+    holds (nothing of it is run), UnreadableCheckpoint for a damaged one."""
+    _read_weights_only(engine)
+    try:
+        path, client_state = engine.load_checkpoint(directory, tag="state")
+    except RefusedFile:
+        raise
+    except Exception as e:  # a truncated zip, an empty file, a foreign pickle opcode, a shape that does not fit
+        raise UnreadableCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                   ) from e
     if path is None:
-        raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+        raise UnreadableCheckpoint(f"no DeepSpeed checkpoint files in {directory}")
     return client_state
+
+
+def checkpoint_types() -> list[type]:
+    """The only types beyond tensors and builtins that DeepSpeed's checkpoint
+    files hold (DeepSpeed 0.19.8; ZeRO 0-3 in fp32 and bf16 seen, the fp16
+    loss scalers from its source): the weights-only unpickler admits these."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load with the weights-only unpickler and `checkpoint_types()`;
+    a file holding any other object is refused, naming the file and the object."""
+    try:
+        with torch.serialization.safe_globals(checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        foreign = re.search(r"GLOBAL (\S+)", str(e))
+        if foreign is None:  # not an object, just bytes that do not parse: damaged
+            raise
+        raise RefusedFile(f"{path} holds a Python object make-dist's checkpoints never hold "
+                          f"({foreign.group(1)}): refused, since loading it could run code. If this run folder is "
+                          f"not yours, do not resume from it; if it is, it was changed by someone else") from None
+
+
+def _read_weights_only(engine) -> None:
+    """Point the engine's checkpoint reader at `safe_load` (its own unpickles
+    anything: torch_checkpoint_engine.py, weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    reader = engine.checkpoint_engine
+    if type(reader) is not TorchCheckpointEngine:  # another engine reads otherwise: not checked, so not used
+        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(reader).__name__}; make-dist reads checkpoints "
+                           f"through TorchCheckpointEngine only")
+    reader.load = safe_load

@@ -7,6 +7,7 @@ from its latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import urllib.error
@@ -18,10 +19,11 @@ from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate import paper
-from ..files import check_writable, exists
+from ..files import check_writable, exists, missing_files
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
-from .cluster import init_ray
+from ..lease import Lease
+from .cluster import init_ray, ray_logs
 from .plan import WorkerPlan, run_worker
 
 
@@ -45,6 +47,8 @@ def check(cfg: Config) -> Config:
         raise UserError("data.train_shards is not set: point it at shards (a manifest.json, a brace "
                         "pattern or a URL), e.g. written by `make-dist shards`")
     ev = cfg.evaluation
+    if ev.tables() and not ev.images_root:  # relative image paths mean the driver's folder, on every worker too
+        ev = replace(ev, images_root=os.getcwd())
     cfg = replace(cfg, data=replace(cfg.data, train_shards=absolute(cfg.data.train_shards)),
                   train=replace(cfg.train, storage=absolute(cfg.train.storage)),
                   tracking=replace(cfg.tracking, uri=tracking_uri(cfg.tracking.uri)),  # the driver's store, for all
@@ -63,8 +67,10 @@ def check(cfg: Config) -> Config:
         except UserError as e:
             raise UserError(f"evaluation.suite_data: {e}") from None
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
-    if not urls[0].startswith("pipe:") and not exists(urls[0], "data.train_shards"):
-        raise UserError(f"data.train_shards: {urls[0]} does not exist")
+    missing = missing_files([u for u in urls if not u.startswith("pipe:")], "data.train_shards")
+    if missing:  # found now, not by a loader worker mid-run (or never, when shards are drawn at random)
+        raise UserError(f"data.train_shards: {len(missing)} of its {len(urls)} shards do not exist: "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     cfg = with_shards_manifest(cfg)
     check_tracking(cfg.tracking.uri)
     check_writable(cfg.train.storage, "train.storage")
@@ -74,37 +80,83 @@ def check(cfg: Config) -> Config:
 
 
 def check_tracking(uri: str) -> None:
-    """The MLflow store answers: a server within seconds, a sqlite file's folder writable (made if new)."""
+    """The MLflow store can take the run, checked in seconds before Ray
+    starts: a server answers its API (not only its health check: a server
+    whose store is down answers /health and 503 elsewhere, and MLflow's client
+    would retry for minutes), a SQLite file takes a write, any other store opens."""
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10)
-        except urllib.error.HTTPError:
-            pass  # it answers (a 401 or 403 is for MLflow's own client to handle)
-        except OSError as e:
-            raise UserError(f"tracking.uri = {uri}: no MLflow server answers ({getattr(e, 'reason', e)}); start "
-                            f"one (mlflow server ...) or point tracking.uri at one that runs") from None
+        base = uri.rstrip("/")
+        for url in (f"{base}/health", f"{base}/api/2.0/mlflow/experiments/search?max_results=1"):
+            try:
+                urllib.request.urlopen(url, timeout=10)
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):
+                    return  # it answers: authentication is for MLflow's own client to handle
+                raise UserError(f"tracking.uri = {uri}: the MLflow server answers {url.removeprefix(base)} with "
+                                f"HTTP {e.code} ({e.reason}); check the server (its log, its backend store) or point "
+                                f"tracking.uri at one that works") from None
+            except OSError as e:
+                raise UserError(f"tracking.uri = {uri}: no MLflow server answers ({getattr(e, 'reason', e)}); "
+                                f"start one (mlflow server ...) or point tracking.uri at one that runs") from None
     elif uri.startswith("sqlite:///"):
-        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        path = uri[len("sqlite:///"):]
+        folder = os.path.dirname(path) or "."
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise UserError(f"tracking.uri = {uri}: cannot write in {folder} ({e.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise UserError(f"tracking.uri = {uri}: cannot write in {folder}")
+        if os.path.exists(path):
+            _check_sqlite_writable(uri, path)
+    else:  # MLflow's file store (file:, a folder), databricks, ...: open it as the run will
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = (" (MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true: use "
+                    "sqlite:///PATH/mlflow.db)" if "://" not in uri or uri.startswith("file:") else "")
+            raise UserError(f"tracking.uri = {uri}: MLflow cannot use this store: {first}{hint}") from None
+
+
+def _check_sqlite_writable(uri: str, path: str) -> None:
+    """A write, rolled back: a read-only file (its mode, a read-only mount, an
+    immutable flag) fails here, not in a worker. (Taking the write lock alone
+    succeeds on a read-only file.)"""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("CREATE TABLE make_dist_write_probe (x)")
+            finally:
+                db.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise UserError(f"tracking.uri = {uri}: MLflow cannot write this store ({e})") from None
 
 
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
         params: dict | None = None, quiet: bool = False) -> FitResult:
-    """Train: check -> MLflow run -> Ray -> Ray Train's fit -> curves and status.
-    A sweep's trial passes its parent MLflow run, Tune's report callback and
-    the sampled parameters (logged beside the config). quiet: a step bar on
-    the terminal instead of the workers' lines (those go to Ray's logs)."""
+    """Train: check -> the run folder's lease -> Ray -> MLflow run -> Ray
+    Train's fit -> curves and status. A sweep's trial passes its parent MLflow
+    run, Tune's report callback and the sampled parameters (logged beside the
+    config). quiet: a step bar on the terminal instead of the workers' lines
+    (those go to Ray's logs)."""
+    cfg = check(cfg)
+    run_dir = f"{cfg.train.storage}/{cfg.train.name}"
+    with Lease(run_dir, "make-dist training run", rename="give this run another train.name"):
+        return _fit(cfg, run_dir, parent, callbacks, params, quiet)
+
+
+def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, params: dict | None,
+         quiet: bool) -> FitResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = check(cfg)
     init_ray(quiet)  # before the MLflow run: a cluster that cannot run workers leaves no run behind
-    run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     run = open_run(cfg, run_dir, parent=parent,
                    params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
     if not quiet:
@@ -133,9 +185,12 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
         run.finish("KILLED")
         raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
                           f"again to resume from the last one") from None
-    except BaseException:
+    except BaseException as e:
         if parent is None:  # a sweep's trial is marked by its sweep: a trial its scheduler stops fails here too
             run.finish("FAILED")
+        said = workers_user_error(e)
+        if said is not None:  # a worker's own words (data that makes no batch, a refused checkpoint): one line
+            raise UserError(f"{said} (MLflow run {run.id}; Ray's logs: {ray_logs()})") from None
         raise
     log_curves(run, cfg.train.name)
     metrics = dict(result.metrics or {})
@@ -149,6 +204,17 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
                   + (f", registered as {cfg.tracking.register}" if cfg.tracking.register else ""))
     run.finish("FINISHED")
     return FitResult(run_dir, run, metrics)
+
+
+def workers_user_error(e: BaseException) -> str | None:
+    """The message of a UserError a worker raised, if Ray Train's error carries one."""
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps what the worker raised
+        if isinstance(cause, UserError):
+            return str(cause.args[0]) if cause.args else str(cause)
+    return None
 
 
 def _resources(cfg: Config) -> dict:

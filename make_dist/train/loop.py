@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import posixpath
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..data.stream import Batch, make_loader
+from ..errors import RefusedFile, UserError
 from ..evaluate import paper
 from ..evaluate.report import log_results
 from ..evaluate.tasks import run_task
@@ -53,6 +55,7 @@ class Worker:
     loss: MakeLoss
     start_step: int
     nonfinite_total: int
+    logged_through: int = 0  # steps up to here are in the MLflow run already (a run resumed after a crash)
 
 
 def setup(cfg: Config) -> Worker:
@@ -69,12 +72,70 @@ def setup(cfg: Config) -> Worker:
     start, nonfinite = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with restored(checkpoint) as directory:
-            state = ds.load_checkpoint(engine, directory)
+        state = resume(engine, checkpoint, rank, device)
         start, nonfinite = state["step"], state.get("nonfinite", 0)
         if rank == 0:
             say(f"make-dist: resumed from the checkpoint of step {start}")
     return Worker(cfg, rank, world, device, engine, model, MakeLoss.from_config(cfg.loss), start, nonfinite)
+
+
+RESTORED, UNREADABLE, REFUSED = 1, 0, -1  # a rank's outcome of loading a checkpoint; the run takes the lowest
+
+
+def resume(engine, latest, rank: int, device: torch.device) -> dict:
+    """Load the newest checkpoint every rank can read: the latest Ray Train
+    kept, else the one before it (a damaged file, say a truncated upload,
+    costs the steps between the two, not the run). Every rank takes the same
+    one. A file that holds foreign objects stops the run (RefusedFile)."""
+    candidates = [latest, *older_checkpoints(latest)]
+    for i, checkpoint in enumerate(candidates):
+        outcome, state, problem = RESTORED, None, None
+        try:
+            with restored(checkpoint) as directory:
+                try:
+                    state = ds.load_checkpoint(engine, directory)
+                except RefusedFile as e:  # named by where it is stored, not by this worker's copy
+                    raise RefusedFile(f"resuming from {checkpoint_location(checkpoint)}: "
+                                      + str(e).replace(directory, checkpoint_location(checkpoint))) from None
+        except RefusedFile as e:
+            outcome, problem = REFUSED, e
+        except Exception as e:  # damaged or missing files, a download that failed
+            outcome, problem = UNREADABLE, e
+        agreed = distributed.lowest(outcome, device)
+        if agreed == RESTORED:
+            return state
+        if agreed == REFUSED:
+            raise problem if outcome == REFUSED else RuntimeError(
+                f"another rank refused the checkpoint {checkpoint_location(checkpoint)}")
+        if rank == 0:
+            following = (f"resuming from the one before, {checkpoint_location(candidates[i + 1])}"
+                         if i + 1 < len(candidates) else "and no older one is kept")
+            say(f"make-dist: the checkpoint {checkpoint_location(checkpoint)} could not be read on every rank "
+                f"({problem or 'on another rank'}); {following}")
+    raise UserError(f"no checkpoint of this run could be read ({', '.join(map(checkpoint_location, candidates))}): "
+                    f"move them away to start the run afresh, or give it another train.name")
+
+
+def older_checkpoints(latest) -> list:
+    """The run's other checkpoints older than `latest`, newest first (Ray
+    Train names its checkpoint folders by the time they were made)."""
+    import pyarrow.fs
+    import ray.train
+
+    parent, name = posixpath.split(latest.path.rstrip("/"))
+    found = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    older = sorted((f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
+                    and f.base_name.startswith("checkpoint_") and f.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in older]
+
+
+def checkpoint_location(checkpoint) -> str:
+    """Where a checkpoint is stored, as a user names it (s3://... or a path)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
 
 
 @contextlib.contextmanager
@@ -179,7 +240,7 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
     if w.rank == 0 or w.cfg.zero3:
         tok = tokenizer(w.cfg.model)
         with ds.full_parameters(w.model, w.cfg):
-            results = [run_task(task, w.model, tok, table, ev.images_root, ev.classes)
+            results = [run_task(task, w.model, tok, table, ev.images_root, ev.classes, ev.images_anywhere)
                        for task, table in ev.tables().items()]
             suite = (paper.run_suite(w.model, tok, ev.suite_data, ev.concept_terms, say=lambda _: None)
                      if ev.suite else [])
@@ -189,9 +250,10 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
                                                        if "/" not in k and k != "chance_top1") for r in results)
             summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
             say(f"step {step}: evaluation: {summary.strip()}")
-            if run is not None and results:
+            logged = run is not None and step > w.logged_through
+            if logged and results:
                 log_results(run, results, step)
-            if run is not None and suite:
+            if logged and suite:
                 paper.log_suite(run, suite, step, prefix="eval/paper")
             flat = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if "/" not in k}
             flat.update(paper.flat_metrics(suite, "eval/paper"))
@@ -221,19 +283,21 @@ def train_worker(plan: WorkerPlan) -> None:
     run = plan.run if w.rank == 0 else None
     if run is not None:
         run.set_tags({f"system.{k}": v for k, v in device_facts(w).items()})
+        if w.start_step > 0:  # a crash may have come after steps past the checkpoint were logged: log each step once
+            w.logged_through = max((step for step, _ in run.history("loss/total")), default=0)
     step, nonfinite_run = w.start_step, 0
     if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
         held_out = evaluate(w, step, run) if cfg.evaluation.enabled() else {}
         report(w, {"step": step, **held_out}, save=False)
         export_final(w, plan)
         return
-    skipped = 0
+    skipped = torch.zeros(2, dtype=torch.int64)  # samples, shards the loaders skipped so far (this rank)
     wait_start = time.perf_counter()
     for batch in prefetch(batches(w), w.device):
         if step >= cfg.train.steps:
             break
         data_wait = time.perf_counter() - wait_start
-        skipped += batch.skipped
+        skipped += torch.tensor([batch.skipped_samples, batch.skipped_shards])
         step_start = time.perf_counter()
         result = train_step(w, batch)
         if result is None:
@@ -256,7 +320,8 @@ def train_worker(plan: WorkerPlan) -> None:
                 "samples": samples,  # the global batch; short at the end of an epoch read in order
                 "samples_per_s": samples / max(step_time + data_wait, 1e-9),
                 "data_wait_s": data_wait,
-                "skipped_samples": float(distributed.sum_detached(torch.tensor(skipped, device=w.device))),
+                **dict(zip(("skipped_samples", "skipped_shards"),
+                           distributed.sum_detached(skipped.to(w.device)).tolist())),
             })
         every = cfg.evaluation.every_steps
         evaluated = cfg.evaluation.enabled() and bool((every and step % every == 0) or step == cfg.train.steps)
@@ -279,7 +344,7 @@ def log_step(w: Worker, run: Run | None, step: int, result: dict, timing: dict) 
         return
     metrics = {k: float(v) for k, v in result.items()}
     metrics.update(timing, lr=w.engine.get_lr()[0], nonfinite_steps=float(w.nonfinite_total))
-    if run is not None:
+    if run is not None and step > w.logged_through:
         run.log_metrics(metrics, step)
     say(f"step {step}/{w.cfg.train.steps}  loss {metrics['loss/total']:.4f}  mkcl {metrics['loss/mkcl']:.4f}  "
         f"slra {metrics['loss/slra']:.4f}  lr {metrics['lr']:.2e}  {metrics['samples_per_s']:.1f} samples/s")
