@@ -135,14 +135,18 @@ def exists(url: str, key: str) -> bool:
 
 
 def missing_files(urls: list[str], key: str) -> list[str]:
-    """The URLs of `urls` where no file is, each folder listed once (thousands
-    of shards on object storage cost one listing, not a request each); a
-    storage that cannot be asked is an error naming `key`."""
+    """The URLs of `urls` where no file is. A folder of a local disk or an
+    object store is listed once (thousands of shards cost one listing, not a
+    request each); a URL elsewhere (http: pages need not list their files)
+    is asked on its own. A storage that cannot be asked is an error naming `key`."""
     folders: dict[tuple, list[str]] = {}
+    missing = []
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
-        folders.setdefault((fs, path.rpartition("/")[0]), []).append(url)
-    missing = []
+        if _listable(fs):
+            folders.setdefault((fs, path.rpartition("/")[0]), []).append(url)
+        elif not exists(url, key):
+            missing.append(url)
     for (fs, folder), members in folders.items():
         try:
             present = {p.rstrip("/").rpartition("/")[2] for p in fs.ls(folder, detail=False)}
@@ -152,6 +156,13 @@ def missing_files(urls: list[str], key: str) -> list[str]:
             raise UserError(f"{key} = {members[0]}: {storage_problem(e)}") from None
         missing += [u for u in members if u.rstrip("/").rpartition("/")[2] not in present]
     return missing
+
+
+def _listable(fs) -> bool:
+    """Whether listing a folder of `fs` names every file in it (local disks,
+    fsspec's memory store, object stores), not only what a page links to."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & {"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
 
 
 def check_writable(url: str, key: str) -> None:

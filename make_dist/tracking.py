@@ -122,6 +122,11 @@ class Run:
         """(step, value) of one metric, by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.id, key))
 
+    def last_step(self, prefix: str) -> int:
+        """The last step any metric whose name starts with `prefix` was logged at (0: none)."""
+        keys = [k for k in self.client.get_run(self.id).data.metrics if k.startswith(prefix)]
+        return max((step for k in keys for step, _ in self.history(k)), default=0)
+
     def read_text(self, path: str) -> str:
         """An artifact of the run ("eval/results.json"), as text."""
         import mlflow.artifacts

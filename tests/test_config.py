@@ -4,6 +4,7 @@ import pytest
 
 from make_dist.config import Config, dump_config, load_config
 from make_dist.errors import ConfigError
+from make_dist.typed import read_yaml
 
 
 def test_shipped_configs_load(repo_root):
@@ -158,6 +159,14 @@ def test_bad_override_names_set(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(path, [item])
     assert load_config(path, ["train.name=demo-2026_12.s0", "loss.sigma=-1", "optim.lr=1e-3"]).train.name == "demo-2026_12.s0"
+
+
+def test_yaml_merge_keys_still_merge_and_override(tmp_path):
+    """A key written twice is refused, but `<<: *anchor` and a key it brings overridden are YAML's own."""
+    path = tmp_path / "c.yaml"
+    path.write_text("x-optim: &optim {lr: 1.0e-3, warmup_steps: 10}\noptim:\n  <<: *optim\n  lr: 5.0e-4\n")
+    raw = read_yaml(path, "config file")
+    assert raw["optim"] == {"lr": 5.0e-4, "warmup_steps": 10}
 
 
 def test_missing_file():

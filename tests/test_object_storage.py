@@ -222,12 +222,14 @@ def test_a_runs_lease_holds_in_the_bucket(s3, capfd):
                                             rf"on host .*, pid {os.getpid()},"):
             Lease(folder, "make-dist training run", rename="-").acquire()
     fs = _fresh_s3()
-    assert not fs.exists("make/leases/run/.lease.json")
+    assert not fs.glob("make/leases/run/.lease-*")
     stale = dataclasses.asdict(lease.Holder.me("make-dist training run"))
     stale.update(host="node-7", boot="another", pid=1, renewed=time.time() - lease.TTL_S - 1)
-    fs.pipe("make/leases/run/.lease.json", json.dumps(stale).encode())
+    fs.pipe("make/leases/run/.lease-000000.json", json.dumps(stale).encode())
     with Lease(folder, "make-dist training run", rename="-"):
-        assert json.loads(_fresh_s3().cat("make/leases/run/.lease.json"))["pid"] == os.getpid()
+        fs = _fresh_s3()
+        assert fs.glob("make/leases/run/.lease-*") == ["make/leases/run/.lease-000001.json"]
+        assert json.loads(fs.cat("make/leases/run/.lease-000001.json"))["pid"] == os.getpid()
     assert "taking over the lease" in capfd.readouterr().err
 
 

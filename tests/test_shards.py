@@ -306,3 +306,10 @@ def test_a_failed_run_leaves_no_out_folder(tmp_path):
     (tmp_path / "kept/notes.txt").write_text("mine")
     out = subprocess.run(cmd + ["--out", str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and (tmp_path / "kept/notes.txt").read_text() == "mine"
+    # the mistake corrected (the images are elsewhere): the failed job's records do not stand in the way
+    save_image(tmp_path / "img/gone.jpg")
+    save_image(tmp_path / "img/also-gone.jpg")
+    cmd[cmd.index("--images-root") + 1] = str(tmp_path / "img")
+    out = subprocess.run(cmd + ["--out", str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "holds no sample of the earlier job" in out.stdout, out.stderr
+    assert json.loads((tmp_path / "kept/manifest.json").read_text())["samples"] == 2

@@ -215,3 +215,51 @@ def test_transforms_match_spec():
     assert ranges == [pytest.approx(r) for r in ((0.68, 1.32), (0.68, 1.32), (0.68, 1.32), (-0.08, 0.08))]
     out = image_transform(64, train=False)(Image.new("RGB", (100, 80)))
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+
+
+def test_a_shard_that_fails_for_a_moment_is_read_again(tmp_path, tok):
+    """A store that answers 503 once (a moment's outage) costs a retry, not
+    the shard: every sample arrives and nothing is counted skipped."""
+    import http.server
+    import threading
+
+    members = [m for i in range(3) for m in ((f"{i:09d}.jpg", jpeg()), (f"{i:09d}.json", record(i)))]
+    write_tar(tmp_path / "shard.tar", members)
+    body = (tmp_path / "shard.tar").read_bytes()
+    asked = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            if len(asked) == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard.tar"
+        batches = list(make_loader(in_order([url], batch_size=2), tok, image_size=32))
+    finally:
+        server.shutdown()
+    assert keys_of(batches) == [f"{i:09d}" for i in range(3)] and len(asked) >= 2
+    assert sum(b.skipped_shards + b.skipped_samples for b in batches) == 0
+
+
+def test_a_shard_with_no_sample_counts_as_unreadable(tmp_path, tok):
+    """A valid but empty tar gives no error, and drawn at random would spin for ever."""
+    write_tar(tmp_path / "empty.tar", [])
+    data = DataConfig(train_shards=[str(tmp_path / "empty.tar")], batch_size=2, num_workers=0, shuffle_buffer=0)
+    with pytest.raises(DataError, match=r"every one of its 1 shards is unreadable.*empty\.tar: ValueError: the "
+                                        r"shard holds no sample"):
+        next(iter(make_loader(data, tok, image_size=32, batches_per_worker=3)))

@@ -188,15 +188,16 @@ def plant(path: Path, marker: Path) -> None:
 
 def test_a_resume_reads_the_newest_whole_checkpoint_and_refuses_one_that_carries_code(
         tmp_path, shards, repo_root, ray_local, capfd):
-    """Two ranks, checkpoints at steps 2 and 4. Rank 1's part of the newer one
-    is truncated (rank 0's reads fine): both ranks fall back to step 2, each
-    step logged once. Then an object planted in a checkpoint (as a tampered
-    run folder would hold) stops the resume in one line naming the file, and
-    its command never runs."""
+    """Two ranks under ZeRO-3, checkpoints at steps 2 and 4. Rank 1's part of
+    the newer one is truncated (rank 0's reads fine): both ranks fall back to
+    step 2 (had rank 1 alone failed in DeepSpeed's load, rank 0 would wait
+    in its gathers for ever), each step logged once. Then an object planted
+    in a checkpoint (as a tampered run folder would hold) stops the resume in
+    one line naming the file, and its command never runs."""
     from make_dist.errors import UserError
     from make_dist.train.launch import fit
 
-    settings = {"train.workers": 2, "train.checkpoint_every": 2, "train.name": "resumed"}
+    settings = {"train.workers": 2, "train.checkpoint_every": 2, "train.name": "resumed", "train.zero_stage": 3}
     fit(tiny(tmp_path, shards, repo_root, **settings, **{"train.steps": 4}))
     run_dir = tmp_path / "runs/resumed"
     older, newer = sorted(run_dir.glob("checkpoint_2*"))
@@ -214,12 +215,13 @@ def test_a_resume_reads_the_newest_whole_checkpoint_and_refuses_one_that_carries
 
     marker = tmp_path / "payload-ran"
     newest = sorted(run_dir.glob("checkpoint_2*"))[-1]
-    plant(newest / "state/mp_rank_00_model_states.pt", marker)
+    planted = newest / "state/zero_pp_rank_0_mp_rank_00_model_states.pt"
+    plant(planted, marker)
     with pytest.raises(UserError) as refused:
         fit(tiny(tmp_path, shards, repo_root, **settings, **{"train.steps": 8}))
     message = str(refused.value)
-    assert message.startswith(f"resuming from {newest}: {newest}/state/mp_rank_00_model_states.pt holds a Python "
-                              f"object make-dist's checkpoints never hold (posix.system): refused"), message
+    assert message.startswith(f"resuming from {newest}: {planted} holds a Python object make-dist's checkpoints "
+                              f"never hold (posix.system): refused"), message
     assert "\n" not in message and not marker.exists()
 
 
@@ -493,7 +495,25 @@ def test_two_runs_of_one_name_started_together_one_is_refused(tmp_path, shards, 
     assert f"make-dist: {tmp_path}/runs/contested is in use by another run (make-dist training run on host " in refused
     assert "give this run another train.name" in refused and "Traceback" not in refused
     assert "Started a local Ray instance" not in refused  # refused before Ray started
-    assert not (tmp_path / "runs/contested/.lease.json").exists()  # the winner gave it back
+    assert not list((tmp_path / "runs/contested").glob(".lease-*"))  # the winner gave it back
+
+
+def test_a_run_whose_folder_another_run_took_over_stops(tmp_path, shards, repo_root):
+    """A driver that seemed dead to a run on another machine (a lease not
+    renewed for 90 s: a stalled driver) finds a newer lease generation at its
+    next renewal and stops, rather than write beside the new holder."""
+    steps = {"train.steps": 400, "train.checkpoint_every": 4, "train.name": "taken", "data.num_workers": 0}
+    proc, _ = start_training(tmp_path, shards, repo_root, **steps)
+    wait_for_checkpoint(tmp_path / "runs/taken", proc)
+    (current,) = (tmp_path / "runs/taken").glob(".lease-*.json")
+    other = json.loads(current.read_text())
+    other.update(host="node-7", pid=1, token="another-run", renewed=time.time())
+    (tmp_path / "runs/taken/.lease-000001.json").write_text(json.dumps(other))
+    assert proc.wait(timeout=120) == 2
+    log = (tmp_path / "train.log").read_text()
+    assert f"make-dist: stopped: {tmp_path}/runs/taken was taken over by make-dist training run on host node-7" in log
+    _, run, _ = run_history(tmp_path)
+    assert run.info.status == "KILLED"
 
 
 def test_a_killed_driver_leaves_no_ray_behind_and_its_run_resumes(tmp_path, shards, repo_root):
@@ -512,7 +532,7 @@ def test_a_killed_driver_leaves_no_ray_behind_and_its_run_resumes(tmp_path, shar
     _, alive = psutil.wait_procs(spawned, timeout=20)
     assert not alive, [p.cmdline()[:2] for p in alive]
     _, _, before = run_history(tmp_path)
-    assert 4 <= before[-1].step < 40 and (tmp_path / "runs/killed/.lease.json").exists()
+    assert 4 <= before[-1].step < 40 and list((tmp_path / "runs/killed").glob(".lease-*.json"))  # left behind
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -153,13 +153,23 @@ def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str |
            "shard_size": shard_size, "image_max_side": image_max_side, "subtexts": k, "jpeg_quality": JPEG_QUALITY}
     fs, root = fsspec.core.url_to_fs(out)
     created = not fs.exists(root)
-    check_writable(out, "--out")
     try:
+        check_writable(out, "--out")
         return _write_job(fs, root, out, rows, columns, job, workers, progress)
     except BaseException:
-        if created and not any(p["samples"] for p in _finished_parts(fs, root).values()):
-            fs.rm(root, recursive=True)  # it holds no sample: leave no folder behind
+        if created:
+            _remove_if_no_sample(fs, root)
         raise
+
+
+def _remove_if_no_sample(fs, root: str) -> None:
+    """A folder this run made that holds no sample is removed (never failing
+    over the error that brought us here)."""
+    try:
+        if not any(p["samples"] for p in _finished_parts(fs, root).values()):
+            fs.rm(root, recursive=True)
+    except Exception:
+        pass
 
 
 def _write_job(fs, root: str, out: str, rows: list[dict], columns: ColumnMap, job: dict, workers: int | None,
@@ -214,7 +224,8 @@ def _write_job(fs, root: str, out: str, rows: list[dict], columns: ColumnMap, jo
 def _same_job(fs, root: str, out: str, job: dict) -> None:
     """Record the job in a new folder; in one that holds shards, it must be the
     job that wrote them (a rerun finishes it): another table, column map or
-    option would leave shards of two jobs under one manifest."""
+    option would leave shards of two jobs under one manifest. A folder whose
+    earlier job wrote no sample (it failed: a wrong --images-root, say) starts afresh."""
     path = f"{root}/{PARTS}/{JOB}"
     try:
         recorded = json.loads(fs.cat_file(path))
@@ -227,6 +238,11 @@ def _same_job(fs, root: str, out: str, job: dict) -> None:
     except ValueError:
         raise UserError(f"{_url(fs, path)}: damaged; remove {out} and write the shards again") from None
     differ = [k for k in job if k != "table" and recorded.get(k) != job[k]]
+    if differ and not any(p["samples"] for p in _finished_parts(fs, root).values()):
+        print(f"shards: {out} holds no sample of the earlier job (from {recorded.get('table')}): starting afresh")
+        fs.rm(f"{root}/{PARTS}", recursive=True)
+        write_atomic(_url(fs, path), json.dumps(job, indent=1))
+        return
     if differ:
         named = {"table_sha256": "the table's content", "rows": "the table's rows"}
         shown = ", ".join(named.get(k, f"{k} ({recorded.get(k)!r} then, {job[k]!r} now)") for k in differ)

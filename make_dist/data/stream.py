@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -82,21 +83,42 @@ def open_shard(url: str):
     return wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
 
 
+# What a shard that fails with these is: gone, forbidden or not a tar, for good. Anything else
+# (a reset connection, a timeout, a store's 503) may pass: the shard is tried again first.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, EOFError, ValueError)
+RETRY_WAITS_S = (1.0, 2.0, 4.0)
+
+
 def shard_samples(sources, failures: "ReadFailures"):
     """The samples of each shard (its tar members grouped by key). A shard
-    that cannot be opened, or that breaks part-way (the rest of it is lost),
-    is counted once and skipped; a malformed group of members is a sample skipped."""
+    that cannot be opened, holds no sample, or breaks part-way (the rest of
+    it is lost) is counted once and skipped; one that fails for a reason
+    that may pass is tried again (RETRY_WAITS_S) before it counts, and does
+    not count as unreadable. A malformed group of members is a sample skipped."""
+    import tarfile
+
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     for source in sources:
-        url, count = source["url"], 0
-        try:
-            members = tar_file_expander([dict(source, stream=open_shard(url))])
-            for sample in group_by_keys(members, handler=lambda e, url=url: failures.sample(url, e)):
-                count += 1
-                yield sample
-        except Exception as e:
-            failures.shard(url, e, unreadable=count == 0)
+        url = source["url"]
+        for retry in range(len(RETRY_WAITS_S) + 1):
+            count = 0
+            try:
+                members = tar_file_expander([dict(source, stream=open_shard(url))])
+                for sample in group_by_keys(members, handler=lambda e, url=url: failures.sample(url, e)):
+                    count += 1
+                    yield sample
+                if count == 0:
+                    failures.shard(url, ValueError("the shard holds no sample"), unreadable=True)
+                break
+            except Exception as e:
+                permanent = isinstance(e, (*PERMANENT, tarfile.TarError))
+                if count == 0 and not permanent and retry < len(RETRY_WAITS_S):
+                    log.warning("reading %s failed (%s); trying again in %.0f s", url, e, RETRY_WAITS_S[retry])
+                    time.sleep(RETRY_WAITS_S[retry])
+                    continue
+                failures.shard(url, e, unreadable=count == 0 and permanent)
+                break
 
 
 def decoded(samples, decoder: "SampleDecoder", failures: "ReadFailures"):

@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 
 import torch
 
@@ -106,19 +107,41 @@ class UnreadableCheckpoint(RuntimeError):
     """A checkpoint whose files are damaged or missing (truncated, not a torch file)."""
 
 
-def load_checkpoint(engine, directory: str) -> dict:
-    """Model, optimiser and schedule restored; returns the client state (step, ...).
+def checkpoint_files(directory: str, rank: int) -> list[str]:
+    """The files of a checkpoint that `rank`'s load reads: the model states
+    (one file for all ranks, or the rank's own under ZeRO-3) and the rank's
+    part of the optimiser state."""
+    state = os.path.join(directory, "state")
+    names = sorted(os.listdir(state)) if os.path.isdir(state) else []
+    mine = [os.path.join(state, n) for n in names
+            if n.endswith(".pt") and (n.startswith("mp_rank_") or f"zero_pp_rank_{rank}_" in n)]
+    if not mine:
+        raise UnreadableCheckpoint(f"no checkpoint files of rank {rank} in {state}")
+    return mine
 
-    Raises RefusedFile for a file holding objects no make-dist checkpoint
-    holds (nothing of it is run), UnreadableCheckpoint for a damaged one."""
+
+def verify_checkpoint(directory: str, rank: int) -> None:
+    """Read every file `rank` will load, weights-only, and load nothing: a
+    foreign object raises RefusedFile, damage UnreadableCheckpoint. Every
+    rank verifies and the ranks agree before any calls DeepSpeed's load,
+    whose collectives (ZeRO-3 gathers) would wait for a rank that failed."""
+    for path in checkpoint_files(directory, rank):
+        try:
+            safe_load(path, map_location="cpu")
+        except RefusedFile:
+            raise
+        except Exception as e:  # a truncated zip, an empty file
+            first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+            raise UnreadableCheckpoint(f"{path}: {type(e).__name__}: {first}") from e
+
+
+def load_checkpoint(engine, directory: str) -> dict:
+    """Model, optimiser and schedule restored, every file read weights-only;
+    returns the client state (step, ...). Verify the files first
+    (`verify_checkpoint`): an error here is not damage but a checkpoint that
+    does not fit (another world size, another model)."""
     _read_weights_only(engine)
-    try:
-        path, client_state = engine.load_checkpoint(directory, tag="state")
-    except RefusedFile:
-        raise
-    except Exception as e:  # a truncated zip, an empty file, a foreign pickle opcode, a shape that does not fit
-        raise UnreadableCheckpoint(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                                   ) from e
+    path, client_state = engine.load_checkpoint(directory, tag="state")
     if path is None:
         raise UnreadableCheckpoint(f"no DeepSpeed checkpoint files in {directory}")
     return client_state
@@ -143,11 +166,19 @@ def safe_load(path: str, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         foreign = re.search(r"GLOBAL (\S+)", str(e))
-        if foreign is None:  # not an object, just bytes that do not parse: damaged
+        if foreign is None and not zipfile.is_zipfile(path):  # bytes that do not parse, in a broken file: damage
             raise
-        raise RefusedFile(f"{path} holds a Python object make-dist's checkpoints never hold "
-                          f"({foreign.group(1)}): refused, since loading it could run code. If this run folder is "
-                          f"not yours, do not resume from it; if it is, it was changed by someone else") from None
+        what = (f"a Python object make-dist's checkpoints never hold ({foreign.group(1)})" if foreign else
+                f"pickled data beyond tensors, numbers and containers ({_unpickler_says(e)})")
+        raise RefusedFile(f"{path} holds {what}: refused, since loading it could run code. If this run folder "
+                          f"is not yours, do not resume from it; if it is, someone else changed it") from None
+
+
+def _unpickler_says(e: Exception) -> str:
+    """The weights-only unpickler's own reason, from its long message."""
+    _, _, said = str(e).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    return lines[0] if lines else str(e).splitlines()[0]
 
 
 def _read_weights_only(engine) -> None:

@@ -7,9 +7,11 @@ from its latest checkpoint.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
 import os
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
@@ -147,8 +149,19 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
     (those go to Ray's logs)."""
     cfg = check(cfg)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
-    with Lease(run_dir, "make-dist training run", rename="give this run another train.name"):
-        return _fit(cfg, run_dir, parent, callbacks, params, quiet)
+    # Another run that takes the folder over (this driver seemed dead to it) stops this one: Ctrl-C's path.
+    # Only a command's main thread can be stopped so; a sweep's trial says so and goes on.
+    in_main = threading.current_thread() is threading.main_thread()
+    lease = Lease(run_dir, "make-dist training run", rename="give this run another train.name",
+                  on_lost=(lambda reason: _thread.interrupt_main()) if in_main else None)
+    with lease:
+        try:
+            return _fit(cfg, run_dir, parent, callbacks, params, quiet)
+        except Interrupted:
+            if lease.lost:
+                raise UserError(f"stopped: {run_dir} was {lease.lost}; two runs must not share a folder, so this "
+                                f"one stopped (its checkpoints so far are there)") from None
+            raise
 
 
 def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, params: dict | None,

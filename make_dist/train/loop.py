@@ -55,7 +55,9 @@ class Worker:
     loss: MakeLoss
     start_step: int
     nonfinite_total: int
-    logged_through: int = 0  # steps up to here are in the MLflow run already (a run resumed after a crash)
+    # Steps up to these are in the MLflow run already (a run resumed after a crash replays them):
+    logged_through: int = 0  # the step metrics
+    evaluated_through: int = 0  # the held-out evaluations (logged after their step's metrics)
 
 
 def setup(cfg: Config) -> Worker:
@@ -85,33 +87,35 @@ RESTORED, UNREADABLE, REFUSED = 1, 0, -1  # a rank's outcome of loading a checkp
 def resume(engine, latest, rank: int, device: torch.device) -> dict:
     """Load the newest checkpoint every rank can read: the latest Ray Train
     kept, else the one before it (a damaged file, say a truncated upload,
-    costs the steps between the two, not the run). Every rank takes the same
-    one. A file that holds foreign objects stops the run (RefusedFile)."""
+    costs the steps between the two, not the run). Every rank reads its
+    files first and the ranks agree on the outcome before any loads, so all
+    take the same one. A file that holds foreign objects stops the run
+    (RefusedFile); a checkpoint that reads but does not fit (another world
+    size, another model) stops it with DeepSpeed's error."""
     candidates = [latest, *older_checkpoints(latest)]
     for i, checkpoint in enumerate(candidates):
-        outcome, state, problem = RESTORED, None, None
-        try:
-            with restored(checkpoint) as directory:
-                try:
-                    state = ds.load_checkpoint(engine, directory)
-                except RefusedFile as e:  # named by where it is stored, not by this worker's copy
-                    raise RefusedFile(f"resuming from {checkpoint_location(checkpoint)}: "
-                                      + str(e).replace(directory, checkpoint_location(checkpoint))) from None
-        except RefusedFile as e:
-            outcome, problem = REFUSED, e
-        except Exception as e:  # damaged or missing files, a download that failed
-            outcome, problem = UNREADABLE, e
-        agreed = distributed.lowest(outcome, device)
-        if agreed == RESTORED:
-            return state
-        if agreed == REFUSED:
-            raise problem if outcome == REFUSED else RuntimeError(
-                f"another rank refused the checkpoint {checkpoint_location(checkpoint)}")
-        if rank == 0:
-            following = (f"resuming from the one before, {checkpoint_location(candidates[i + 1])}"
-                         if i + 1 < len(candidates) else "and no older one is kept")
-            say(f"make-dist: the checkpoint {checkpoint_location(checkpoint)} could not be read on every rank "
-                f"({problem or 'on another rank'}); {following}")
+        where = checkpoint_location(checkpoint)
+        with contextlib.ExitStack() as stack:
+            outcome, problem, directory = RESTORED, None, ""
+            try:
+                directory = stack.enter_context(restored(checkpoint))
+                ds.verify_checkpoint(directory, rank)
+            except RefusedFile as e:  # named by where it is stored, not by this worker's copy
+                outcome, problem = REFUSED, RefusedFile(f"resuming from {where}: "
+                                                        + str(e).replace(directory, where))
+            except Exception as e:  # damaged or missing files, a download that failed
+                outcome, problem = UNREADABLE, e
+            agreed = distributed.lowest(outcome, device)
+            if agreed == RESTORED:
+                return ds.load_checkpoint(engine, directory)
+            if agreed == REFUSED:
+                raise problem if outcome == REFUSED else RuntimeError(f"another rank refused the checkpoint {where}")
+            if rank == 0:
+                following = (f"resuming from the one before, {checkpoint_location(candidates[i + 1])}"
+                             if i + 1 < len(candidates) else "and no older one is kept")
+                shown = str(problem).replace(directory or where, where) if outcome == UNREADABLE else None
+                say(f"make-dist: the checkpoint {where} could not be read on every rank "
+                    f"({shown or 'on another rank'}); {following}")
     raise UserError(f"no checkpoint of this run could be read ({', '.join(map(checkpoint_location, candidates))}): "
                     f"move them away to start the run afresh, or give it another train.name")
 
@@ -250,7 +254,7 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
                                                        if "/" not in k and k != "chance_top1") for r in results)
             summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
             say(f"step {step}: evaluation: {summary.strip()}")
-            logged = run is not None and step > w.logged_through
+            logged = run is not None and step > w.evaluated_through
             if logged and results:
                 log_results(run, results, step)
             if logged and suite:
@@ -284,7 +288,7 @@ def train_worker(plan: WorkerPlan) -> None:
     if run is not None:
         run.set_tags({f"system.{k}": v for k, v in device_facts(w).items()})
         if w.start_step > 0:  # a crash may have come after steps past the checkpoint were logged: log each step once
-            w.logged_through = max((step for step, _ in run.history("loss/total")), default=0)
+            w.logged_through, w.evaluated_through = run.last_step("loss/total"), run.last_step("eval/")
     step, nonfinite_run = w.start_step, 0
     if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
         held_out = evaluate(w, step, run) if cfg.evaluation.enabled() else {}

@@ -45,9 +45,9 @@ def reap(driver_pid: int) -> int:
             for child in driver.children(recursive=True):
                 if child.pid != os.getpid():
                     seen.setdefault(child.pid, child.create_time())
+            if driver.status() == psutil.STATUS_ZOMBIE:  # killed, not yet waited for by its parent
+                break
         except psutil.NoSuchProcess:
-            break
-        if not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE:
             break
         time.sleep(POLL_S)
     left = []
