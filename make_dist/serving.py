@@ -87,6 +87,9 @@ def log_model(run, export_dir: str, register: str | None = None, metrics: dict[s
     import fsspec
 
     mlflow.set_tracking_uri(run.uri)  # the driver's own store: the fluent API below reads it
+    # and the run's experiment: Model.log(run_id=...) alone files the model under the Default experiment,
+    # where the run's page, the runs table and the experiment's Models tab never show it
+    mlflow.set_experiment(experiment_id=run.client.get_run(run.id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         fs, path = fsspec.core.url_to_fs(export_dir)
         local = os.path.join(tmp, "export")

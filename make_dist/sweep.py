@@ -55,7 +55,7 @@ from .lease import Lease
 from .progress import logs_to_file, say
 from .tracking import Run, open_run, recorded_run
 from .train.cluster import init_ray, ray_logs
-from .train.launch import absolute, check, fit
+from .train.launch import absolute, check, fit, outside_ray_jobs_copy
 from .train.plan import MIDRUN_STEP
 from .typed import build_section, read_yaml
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
@@ -197,6 +197,7 @@ def run_sweep(sweep: SweepConfig, base: dict, quiet: bool = True) -> dict:
     quiet: one line per trial event on the terminal; Ray's and Tune's output in files.
     The sweep holds its folder's lease while it runs (a second sweep of the name is refused)."""
     sweep_dir = f"{absolute(sweep.storage)}/{sweep.name}"
+    outside_ray_jobs_copy("sweep.storage", sweep.storage, sweep_dir)
     check_writable(sweep_dir, "sweep.storage")
     with Lease(sweep_dir, "make-dist sweep", rename="give this sweep another name (--set sweep.name=NEW)"):
         return _run_sweep(sweep, base, sweep_dir, quiet)

@@ -93,6 +93,24 @@ def test_the_shipped_lr_lambda_sweep_runs_under_job_submit(tmp_path, repo_root, 
             assert t.info.status == "KILLED" and steps == [50] and "ASHA" in t.data.tags["make_dist.stopped"]
 
 
+def test_a_job_whose_results_would_vanish_with_the_ray_session_is_refused(tmp_path, repo_root, tiny_shards, ray_head):
+    """Under `ray job submit --working-dir .` a job runs in Ray's copy of the
+    folder: the default MLflow store and a relative train.storage would be
+    written there and deleted with the Ray session. Refused before any
+    worker starts, naming the setting to give."""
+    address, env = ray_head
+    submit = [BIN / "ray", "job", "submit", "--address", address, "--working-dir", repo_root, "--",
+              "python", "jobs/pretrain.py", "--config", "configs/tiny.yaml", "--set", f"data.train_shards={tiny_shards}"]
+    job = run_command(submit, env=env)
+    assert job.returncode != 0
+    said = job.stdout + job.stderr
+    assert "make-dist: train.storage = runs: this job runs in Ray's copy of its working directory (" in said, said[-3000:]
+    assert "give train.storage an absolute path on storage that lasts, or a URL (s3://BUCKET/PATH)" in said
+    assert "Traceback" not in said and "RayTrainWorker" not in said
+    job = run_command([*submit, "--set", f"train.storage={tmp_path}/runs"], env=env)
+    assert job.returncode != 0 and "make-dist: tracking.uri is not set: this job runs in Ray's copy" in job.stdout
+
+
 def test_asha_stops_the_weak_trials_and_says_so(tmp_path, repo_root, tiny_shards, ray_head):
     """2 trials in the order lambda 0, 2: the second adds about 2 ln(batch) of
     the fine-grained term to the total loss, so at step 3 it is below the

@@ -190,6 +190,10 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
     assert sorted(int(v.version) for v in versions) == [1, 2] and {v.run_id for v in versions} == {run.info.run_id}
     model = client.get_logged_model(run.outputs.model_outputs[-1].model_id)
     assert model.source_run_id == run.info.run_id and "eval/classify/top1" in {m.key for m in model.metrics}
+    assert model.experiment_id == run.info.experiment_id  # shown on the run's page and its experiment's Models tab
+    listed = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert model.model_id in {m.model_id for m in listed}
     mlflow.set_tracking_uri(tracking)  # a request as a caller sends it, beside the model
     assert mlflow.models.Model.load(f"models:/{model.model_id}").saved_input_example_info["type"] == "dataframe"
     (dataset,) = run.inputs.dataset_inputs

@@ -10,6 +10,7 @@ machine.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -57,6 +58,22 @@ def init_ray(quiet: bool = False) -> None:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  _node_ip_address="127.0.0.1", runtime_env={"env_vars": workers_env}, **options)
         reaper.watch(os.getpid())  # a driver killed outright leaves no Ray agent behind
+
+
+def ray_job() -> tuple[str | None, str | None]:
+    """(the job's submission id, Ray's copy of its working directory) when
+    this process is the entry point of `ray job submit` (each None when not).
+    The copy is where the job runs, and it goes with the Ray session: what a
+    job writes there under a relative path is lost."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # Ray's job supervisor sets it for the entry point
+    if not raw:
+        return None, None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None, None
+    copied = (config.get("runtime_env") or {}).get("working_dir")
+    return (config.get("metadata") or {}).get("job_submission_id"), (os.getcwd() if copied else None)
 
 
 def _raylet_messages_to_log() -> None:

@@ -21,11 +21,11 @@ from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate import paper
-from ..files import check_writable, exists, missing_files
+from ..files import check_writable, exists, missing_files, within
 from ..progress import StepBar
 from ..tracking import Run, log_curves, open_run, tracking_uri
 from ..lease import Lease
-from .cluster import init_ray, ray_logs
+from .cluster import init_ray, ray_job, ray_logs
 from .plan import WorkerPlan, run_worker
 
 
@@ -48,6 +48,7 @@ def check(cfg: Config) -> Config:
     if not cfg.data.train_shards:
         raise UserError("data.train_shards is not set: point it at shards (a manifest.json, a brace "
                         "pattern or a URL), e.g. written by `make-dist shards`")
+    written = {"train.storage": cfg.train.storage, "tracking.uri": cfg.tracking.uri}  # as the user gave them
     ev = cfg.evaluation
     if ev.tables() and not ev.images_root:  # relative image paths mean the driver's folder, on every worker too
         ev = replace(ev, images_root=os.getcwd())
@@ -74,11 +75,28 @@ def check(cfg: Config) -> Config:
         raise UserError(f"data.train_shards: {len(missing)} of its {len(urls)} shards do not exist: "
                         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     cfg = with_shards_manifest(cfg)
+    outside_ray_jobs_copy("train.storage", written["train.storage"], cfg.train.storage)
+    outside_ray_jobs_copy("tracking.uri", written["tracking.uri"], cfg.tracking.uri)
     check_tracking(cfg.tracking.uri)
     check_writable(cfg.train.storage, "train.storage")
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
+
+
+def outside_ray_jobs_copy(key: str, given: str | None, resolved: str) -> None:
+    """Under `ray job submit --working-dir`, the job runs in Ray's copy of
+    that folder, deleted with the Ray session: a run's checkpoints or MLflow
+    store written there (a relative path, or the default store) would be
+    lost once the run ends. Refused before any worker starts."""
+    _, copy = ray_job()
+    path = resolved.removeprefix("sqlite:///")
+    if copy is None or "://" in path or not within(path, copy):
+        return
+    said = f"{key} = {given}" if given else f"{key} is not set"
+    raise UserError(f"{said}: this job runs in Ray's copy of its working directory ({copy}), deleted with the Ray "
+                    f"session, so {resolved} would be lost; give {key} an absolute path on storage that lasts, or a "
+                    f"URL ({'an MLflow server, http://HOST:PORT' if key == 'tracking.uri' else 's3://BUCKET/PATH'})")
 
 
 def check_tracking(uri: str) -> None:
