@@ -179,7 +179,9 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
     assert "eval/classify/confusion_matrix.png" in artifacts("eval/classify")
     assert "eval/paper/SkinCon/concept_auroc.png" in artifacts("eval/paper/SkinCon")
     stored = fs.find("make/mlflow")  # the artifacts, uploaded through the server into the bucket
-    assert any(f.endswith("/model/open_clip_config.json") for f in stored)
+    # the weights once a fit: in its Logged Model (two fits, two models), not again among the run's artifacts
+    assert sum(f.endswith("/open_clip_pytorch_model.bin") for f in stored) == 2
+    assert "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert any(f.endswith("/eval/classify/confusion_matrix.png") for f in stored)
     assert not list(Path.cwd().glob("mlruns")) and not list(Path.cwd().glob("mlartifacts"))
 
@@ -205,7 +207,8 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
               f"out = model.predict(pd.DataFrame({{'image': [{image!r}] * 2}}), "
               "params={'classes': ['psoriasis', 'eczema', 'melanoma']})\n"
               "print(list(out.columns), out.shape, round(float(out.sum(axis=1).min()), 4))\n"
-              "print(model.predict(pd.DataFrame({'image': [" + repr(image) + "]})).shape)\n")
+              "print(model.predict(pd.DataFrame({'image': [" + repr(image) + "]}), "
+              "params={'output': 'embeddings'}).shape)\n")
     loaded = run_command([sys.executable, "-c", script], env={**os.environ, "MLFLOW_TRACKING_URI": tracking},
                          cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr[-3000:]

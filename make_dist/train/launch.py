@@ -194,8 +194,9 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
         print(f"make-dist: MLflow run {run.id} at {run.uri}")
         if run.uri.startswith("sqlite:"):
             print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
+    logged_model = cfg.tracking.log_model and parent is None  # a sweep's trials leave their exports in storage only
     trainer = TorchTrainer(
-        functools.partial(run_worker, WorkerPlan(cfg, run_dir, run)),
+        functools.partial(run_worker, WorkerPlan(cfg, run_dir, run, log_export=not logged_model)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=_resources(cfg)),
         run_config=ray.train.RunConfig(
@@ -225,7 +226,7 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
         raise
     log_curves(run, cfg.train.name)
     metrics = dict(result.metrics or {})
-    if cfg.tracking.log_model and parent is None:  # a sweep's trials leave their exports in storage only
+    if logged_model:
         from ..serving import log_model  # mlflow.pyfunc takes seconds to import: only where a model is logged
 
         model_uri = log_model(run, f"{run_dir}/model", cfg.tracking.register,

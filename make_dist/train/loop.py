@@ -266,8 +266,9 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
 
 
 def export_final(w: Worker, plan: WorkerPlan) -> None:
-    """The trained model, open_clip-loadable, at RUN_DIR/model and in the MLflow
-    run's artifacts (rank 0 writes both; all ranks gather under ZeRO-3)."""
+    """The trained model, open_clip-loadable, at RUN_DIR/model and, unless the
+    driver logs it as a Logged Model, in the MLflow run's artifacts (rank 0
+    writes both; all ranks gather under ZeRO-3)."""
     with ds.full_parameters(w.model, w.cfg):
         if w.rank != 0:
             return
@@ -276,7 +277,7 @@ def export_final(w: Worker, plan: WorkerPlan) -> None:
             for name in (EXPORT_WEIGHTS, EXPORT_CONFIG):  # the config last, as export_open_clip writes them
                 with open(f"{local}/{name}", "rb") as src, atomic_writer(f"{plan.run_dir}/model/{name}") as dst:
                     dst.write(src.read())
-            if plan.run is not None:
+            if plan.run is not None and plan.log_export:
                 plan.run.log_folder(local, "model")
 
 

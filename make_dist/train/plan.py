@@ -26,6 +26,9 @@ class WorkerPlan:
     config: Config  # checked, paths absolute, steps resolved
     run_dir: str  # train.storage/train.name: checkpoints (Ray Train's) and the exported model
     run: Run | None  # the MLflow run rank 0 logs into
+    # The export also among the run's artifacts (model/): not when the driver logs it as a Logged Model,
+    # which holds the weights itself (two full copies otherwise)
+    log_export: bool = True
 
 
 def run_worker(plan: WorkerPlan) -> None:
