@@ -25,6 +25,7 @@ from .files import read_bytes, write_atomic
 
 RUN_ID_FILE = "mlflow_run_id"  # in a run's storage folder: a restarted run reopens its MLflow run
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI's experiment type tag
+RAY_JOB_TAG = "ray.job_submission_id"  # the `ray job submit` job a run (or its last attempt) ran as
 CURVES = ("loss/total", "loss/mkcl", "loss/i2t", "loss/t2i", "loss/slra", "lr", "logit_scale", "samples_per_s")
 
 
@@ -66,8 +67,14 @@ class Run:
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str | None = None,
                tags: Mapping[str, str] | None = None) -> "Run":
+        """A new run, with the tags MLflow's own `start_run` sets (the user,
+        the command as its source, the git commit it runs from where there is
+        one: the UI's "Created by", "Source" and "Git commit") and `tags`."""
+        from mlflow.tracking.context.registry import resolve_tags
+
         run = cls(uri, "")
-        info = run.client.create_run(_experiment_id(run.client, experiment), run_name=run_name, tags=dict(tags or {}))
+        info = run.client.create_run(_experiment_id(run.client, experiment), run_name=run_name,
+                                     tags=resolve_tags({**_code_version(), **(tags or {})}))
         run.id = info.info.run_id
         return run
 
@@ -150,17 +157,19 @@ class Run:
 
 
 def open_run(cfg: Config, run_dir: str, *, run_name: str | None = None, parent: Run | None = None,
-             params: Mapping[str, object] | None = None) -> Run:
+             params: Mapping[str, object] | None = None, tags: Mapping[str, str] | None = None) -> Run:
     """The MLflow run of a run folder: the one recorded there (a restarted
     run continues it), or a new one with the config, its parameters (or
     `params`, a sweep's own) and the driver's system facts. `parent` nests it
-    (a sweep's trial)."""
+    (a sweep's trial); `tags` are set either way (the Ray job of this attempt)."""
     uri = tracking_uri(cfg.tracking.uri)
     recorded = recorded_run(uri, run_dir)
     if recorded is not None:
         recorded.reopen()
+        if tags:
+            recorded.set_tags(tags)
         return recorded
-    tags = {"make_dist.run_dir": run_dir, "make_dist.objective": cfg.objective()}
+    tags = {"make_dist.run_dir": run_dir, "make_dist.objective": cfg.objective(), **(tags or {})}
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.id
     run = Run.create(uri, cfg.tracking.experiment, run_name or cfg.tracking.run_name or cfg.train.name, tags)
@@ -239,6 +248,19 @@ def log_shards_input(run: Run, manifest_url: str) -> None:
     dataset = MetaDataset(source=source, name="shards", digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
                                                 tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def _code_version() -> dict[str, str]:
+    """The git commit (branch, remote) of make-dist's own code, when it runs
+    from a checkout. MLflow looks for one beside the command it was started
+    by, which for `make-dist` is the environment's script: never in git."""
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(here), MLFLOW_GIT_BRANCH: git_utils.get_git_branch(here),
+             MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(here)}
+    return {k: v for k, v in found.items() if v} if found[MLFLOW_GIT_COMMIT] else {}
 
 
 def _driver_facts(cfg: Config) -> dict[str, str]:

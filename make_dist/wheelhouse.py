@@ -35,7 +35,7 @@ LOCK = ROOT / "requirements.lock"
 HOST_LACKS = (
     "annotated-types", "braceexpand", "cachetools", "cffi", "cryptography", "databricks-sdk", "fastapi", "ftfy",
     "gitdb", "GitPython", "google-auth", "hjson", "importlib_metadata", "jsonschema", "jsonschema-specifications",
-    "mlflow-skinny", "open_clip_torch", "opentelemetry-api", "opentelemetry-proto", "opentelemetry-sdk",
+    "mlflow-skinny", "nvidia-ml-py", "open_clip_torch", "opentelemetry-api", "opentelemetry-proto", "opentelemetry-sdk",
     "opentelemetry-semantic-conventions", "pyasn1", "pyasn1_modules", "pycparser", "pydantic", "pydantic_core",
     "python-dotenv", "referencing", "rpds-py", "smmap", "sqlparse", "starlette", "typing-inspection", "uvicorn",
     "wcwidth", "webdataset",

@@ -365,6 +365,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_the_bucket(tmp_path, r
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss/total")}
     assert max(steps) == 16 and set(range(resumed[0] + 1, 17)) <= steps  # every step after the resume
     assert {"loss/total", "loss/mkcl", "loss/slra", "lr", "samples_per_s"} <= set(run.data.metrics)
+    assert run.data.tags["ray.job_submission_id"].startswith("raysubmit_")  # the job it ran as
     assert "model/open_clip_pytorch_model.bin" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert run.info.status == "FINISHED"
 

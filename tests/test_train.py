@@ -119,6 +119,9 @@ def test_zero_stages_train_through_short_batches(tmp_path, shards, repo_root, ra
     assert run.data.params["train.zero_stage"] == str(stage)
     assert run.data.tags["system.world_size"] == "2" and run.data.tags["system.zero_stage"] == str(stage)
     assert run.data.tags["system.precision"] == "fp32" and run.data.tags["system.device"]
+    # what MLflow's own start_run records: the UI's "Created by", "Source" and git commit
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"] and len(run.data.tags["mlflow.source.git.commit"]) == 40
     weights = exported_weights(result.run_dir)
     assert all(v.numel() > 0 for v in weights.values())  # ZeRO-3 shards were gathered for the export
 
@@ -417,14 +420,14 @@ def test_quiet_ray_sends_the_raylets_messages_to_the_log(ray_local, capfd, caplo
 # Real processes: stopped, and shot
 
 
-def start_training(tmp_path, shards, repo_root, **extra):
+def start_training(tmp_path, shards, repo_root, env=None, **extra):
     """A real `make-dist train` process on the smallest model (what is tested is the process)."""
     extra = {"model.name": "make-micro", **extra}
     args = [str(EXE), "train", "--config", str(repo_root / "configs/tiny.yaml")]
     for item in overrides(tmp_path, shards, **extra):
         args += ["--set", item]
     log = open(tmp_path / "train.log", "ab")
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", **(env or {}))
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env), args
 
 
@@ -522,7 +525,8 @@ def test_a_killed_driver_leaves_no_ray_behind_and_its_run_resumes(tmp_path, shar
     same command takes over the dead run's lease at once and resumes, each step
     in the MLflow run once (a resumed run used to log replayed steps again)."""
     steps = {"train.steps": 40, "train.checkpoint_every": 4, "train.name": "killed", "data.num_workers": 0}
-    proc, args = start_training(tmp_path, shards, repo_root, **steps)
+    proc, args = start_training(tmp_path, shards, repo_root, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
+                                **steps)
     wait_for_checkpoint(tmp_path / "runs/killed", proc)
     time.sleep(2)  # past the checkpoint: steps logged that the resumed run replays
     spawned = [p for p in psutil.Process(proc.pid).children(recursive=True)]
@@ -534,12 +538,16 @@ def test_a_killed_driver_leaves_no_ray_behind_and_its_run_resumes(tmp_path, shar
     _, _, before = run_history(tmp_path)
     assert 4 <= before[-1].step < 40 and list((tmp_path / "runs/killed").glob(".lease-*.json"))  # left behind
 
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "taking over the lease of a run that ended without giving it back" in again.stderr
     assert "resumed from the checkpoint of step" in again.stdout + again.stderr
-    _, run, history = run_history(tmp_path)
+    client, run, history = run_history(tmp_path)
     assert [m.step for m in history] == list(range(1, 41)) and run.info.status == "FINISHED"
+    # the machine's use, in the UI's System metrics tab (sampled every second here, by both attempts)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 2
 
 
 def test_a_rank_restoring_late_does_not_rewrite_the_checkpoint_another_rank_reads(tmp_path):

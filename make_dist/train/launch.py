@@ -23,7 +23,7 @@ from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists, missing_files, within
 from ..progress import StepBar
-from ..tracking import Run, log_curves, open_run, tracking_uri
+from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
 from ..lease import Lease
 from .cluster import init_ray, ray_job, ray_logs
 from .plan import WorkerPlan, run_worker
@@ -188,8 +188,10 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
     from ray.train.torch import TorchTrainer
 
     init_ray(quiet)  # before the MLflow run: a cluster that cannot run workers leaves no run behind
+    job, _ = ray_job()
     run = open_run(cfg, run_dir, parent=parent,
-                   params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}})
+                   params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}},
+                   tags={RAY_JOB_TAG: job} if job else None)
     if not quiet:
         print(f"make-dist: MLflow run {run.id} at {run.uri}")
         if run.uri.startswith("sqlite:"):

@@ -282,10 +282,32 @@ def export_final(w: Worker, plan: WorkerPlan) -> None:
 
 
 def train_worker(plan: WorkerPlan) -> None:
-    """One worker's run (Ray Train calls it through `plan.run_worker`)."""
-    cfg = plan.config
-    w = setup(cfg)
+    """One worker's run (Ray Train calls it through `plan.run_worker`); rank 0
+    logs the machine's CPU, memory, disk, network and GPU use to the run
+    (MLflow's system metrics, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, 10 by default)."""
+    w = setup(plan.config)
     run = plan.run if w.rank == 0 else None
+    with system_metrics(run, resumed=w.start_step > 0):
+        _train(w, plan, run)
+
+
+@contextlib.contextmanager
+def system_metrics(run: Run | None, resumed: bool) -> Iterator[None]:
+    if run is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.id, tracking_uri=run.uri, resume_logging=resumed)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def _train(w: Worker, plan: WorkerPlan, run: Run | None) -> None:
+    cfg = plan.config
     if run is not None:
         run.set_tags({f"system.{k}": v for k, v in device_facts(w).items()})
         if w.start_step > 0:  # a crash may have come after steps past the checkpoint were logged: log each step once
