@@ -392,6 +392,18 @@ def test_every_node_must_import_the_workers_dependencies(ray_local):
         check_nodes((*WORKER_MODULES, "no_such_module_of_make_dist"))
 
 
+def test_the_embedded_rays_dashboard_and_job_api_listen_on_loopback_only(ray_local):
+    """The dashboard runs whatever is submitted to it: 127.0.0.1 only, as the
+    docs say (which also say that Ray's gRPC ports are not)."""
+    import ray
+
+    webui = ray._private.worker._global_node.address_info["webui_url"]
+    port = int(webui.rpartition(":")[2])
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, (webui, listening)
+
+
 def test_quiet_ray_sends_the_raylets_messages_to_the_log(ray_local, capfd, caplog, monkeypatch):
     """Ray's driver prints the raylet's messages to stdout whatever
     log_to_driver says; quiet, they belong in the log. A real message

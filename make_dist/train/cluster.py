@@ -3,9 +3,10 @@
 Under `ray job submit --address ...` RAY_ADDRESS is set and a command joins
 that cluster, after checking that it answers and that every node's Python
 imports the workers' dependencies. Run directly, a command starts its own
-embedded local Ray bound to 127.0.0.1 (its dashboard too: a dashboard runs
-whatever is submitted to it) and never joins another cluster found on the
-machine.
+embedded local Ray, its dashboard and job API on 127.0.0.1 (a dashboard
+runs whatever is submitted to it; Ray 2.60 binds its gRPC ports to every
+interface whatever it is told: docs/cluster.md, Security), and never joins
+another cluster found on the machine.
 """
 
 from __future__ import annotations
