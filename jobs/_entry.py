@@ -15,7 +15,9 @@ def run(command: str) -> int:
         return main([command, *sys.argv[1:]])
     except ModuleNotFoundError as e:  # the usual cause: a Ray head started outside the project's environment
         print(f"make-dist: this Python ({sys.executable}) cannot import make-dist's dependencies ({e}). "
-              f"Under `ray job submit` a job runs in the Python its Ray head was started with: start the head "
-              f"from the project's environment (.venv/bin/ray start --head ...), or give the job one "
+              f"Under `ray job submit` a job runs in the `python` found on the PATH its Ray head was started "
+              f"with (`.venv/bin/ray start` alone leaves the system's first): start the head with the "
+              f"environment on its PATH (PATH=$PWD/.venv/bin:$PATH ray start --head ...), or name that Python "
+              f"in the job (-- $PWD/.venv/bin/python jobs/...), or give the job an environment "
               f"(--runtime-env-json '{{\"pip\": \"requirements.lock\"}}').", file=sys.stderr)
         return 2

@@ -117,4 +117,4 @@ def test_a_job_in_a_python_without_the_dependencies_says_so(repo_root, tmp_path)
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert f"this Python ({sys.executable}) cannot import make-dist's dependencies (No module named" in out.stderr
-    assert ".venv/bin/ray start --head" in out.stderr
+    assert "PATH=$PWD/.venv/bin:$PATH ray start --head" in out.stderr and "-- $PWD/.venv/bin/python jobs/" in out.stderr

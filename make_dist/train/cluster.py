@@ -148,8 +148,8 @@ def check_nodes(modules: tuple[str, ...] = WORKER_MODULES, timeout: float = 180.
     problems += [f"node {refs[ref]} did not run a probe task within {timeout:.0f} s" for ref in late]
     if problems:
         raise UserError("the cluster cannot run make-dist's workers: " + "; ".join(problems) + ". Start every "
-                        "node's Ray from the project's environment (.venv/bin/ray start ...), or give the job one "
-                        "(--runtime-env-json '{\"pip\": \"requirements.lock\"}')")
+                        "node's Ray with the project's environment on its PATH (PATH=$PWD/.venv/bin:$PATH ray "
+                        "start ...), or give the job one (--runtime-env-json '{\"pip\": \"requirements.lock\"}')")
 
 
 def _missing_modules(modules: tuple[str, ...]) -> tuple[str, list[str]]:
