@@ -13,7 +13,9 @@
     with its paired interval.
 
 The terminal shows the stages and a step bar; Ray's, the workers' and the
-libraries' logs go to files whose paths are printed.
+libraries' logs go to files whose paths are printed. In MLflow the demo is a
+parent run (its description and artifacts: the comparison) with the three
+arms nested under it, each named after its arm first.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .data.synth import synthesize
 from .evaluate import bootstrap
 from .files import write_atomic
 from .progress import logs_to_file
+from .tracking import Run, tracking_uri
 from .train.cluster import ray_logs
 from .train.launch import fit
 
@@ -72,17 +75,47 @@ def run_demo(out: str = "demo", n: int = 4000, n_eval: int = 1000, steps: int = 
     common = [
         f"data.train_shards={out_dir}/shards/manifest.json", f"train.storage={out_dir}/runs",
         f"train.steps={steps}", f"train.workers={workers}", f"train.checkpoint_every={steps}",
-        f"train.seed={seed}", "train.log_every=10", "tracking.experiment=make-dist-demo",
+        f"train.seed={seed}", "train.log_every=10", f"tracking.experiment={EXPERIMENT}",
         f"evaluation.classify_table={data}/eval/classify.csv", f"evaluation.classes={data}/classes.yaml",
         f"evaluation.concepts_table={data}/eval/concepts.csv",
         f"evaluation.retrieval_table={data}/eval/retrieval.csv", f"evaluation.images_root={data}",
     ]
+    parent = Run.create(tracking_uri(load_config(CONFIG, common).tracking.uri), EXPERIMENT, f"demo s{seed} {stamp}",
+                        {"make_dist.demo": "MAKE against the CLIP baselines"})
+    parent.log_params({"seed": seed, "steps": steps, "workers": workers, "n": n, "n_eval": n_eval, "named": named})
+    try:
+        result, cfg, fitted = _arms_and_scores(parent, common, stamp, seed, steps, workers, named, stages, started,
+                                               out_dir)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+
+    print()
+    print(f"make-dist demo: done in {result.minutes:.1f} minutes; {manifest['samples']} training samples, "
+          f"{steps} steps x {workers} workers x batch {cfg.data.batch_size} for each objective")
+    print(report(result, n_eval))
+    for label, r in fitted.items():
+        print(f"  {label}: model {r.run_dir}/model, MLflow run {r.run.id}")
+    print(f"  MLflow: mlflow ui --backend-store-uri {fitted['MAKE'].run.uri}   (the comparison: run {parent.id}; "
+          f"results: {out_dir}/results.json)")
+    return result
+
+
+EXPERIMENT = "make-dist-demo"
+
+
+def _arms_and_scores(parent: Run, common: list[str], stamp: str, seed: int, steps: int, workers: int, named: float,
+                     stages: int, started: float, out_dir: Path):
+    """Train the three arms under the demo's parent run, score them, and put
+    the comparison on the parent (its description, results.json, comparison.md)."""
     fitted = {}
     for stage, (label, extra) in enumerate(ARMS.items(), start=3):
-        cfg = load_config(CONFIG, common + extra + [f"train.name=demo-{stamp}-s{seed}-{_slug(label)}"])
+        # what differs leads: the runs table and the chart legends cut long names at the end
+        cfg = load_config(CONFIG, common + extra + [f"train.name={_slug(label)}-demo-s{seed}-{stamp}",
+                                                    f"tracking.run_name={label} · demo s{seed} {stamp}"])
         print(f"[{stage}/{stages}] {label} ({cfg.objective()}): {steps} steps x {workers} Ray workers x batch "
               f"{cfg.data.batch_size}, ZeRO-2 on the CPU, then zero-shot evaluation")
-        fitted[label] = fit(cfg, quiet=True)
+        fitted[label] = fit(cfg, quiet=True, tags={"mlflow.parentRunId": parent.id})
         if stage == 3:
             print(f"  Ray's and the workers' logs: {ray_logs()}")
 
@@ -92,19 +125,33 @@ def run_demo(out: str = "demo", n: int = 4000, n_eval: int = 1000, steps: int = 
                          for m, (task, _) in bootstrap.STATISTICS.items()} for label in ARMS}
     differences = {base: {m: bootstrap.difference(m, details["MAKE"][task], details[base][task])
                           for m, (task, _) in bootstrap.STATISTICS.items()} for base in BASELINES}
-    chance = fitted["MAKE"].run.metrics().get("eval/classify/chance_top1", float("nan"))
+    chance = float(fitted["MAKE"].run.tags().get("eval/classify/chance_top1", "nan"))
     result = DemoResult((time.time() - started) / 60, estimates, differences,
                         {label: r.run_dir for label, r in fitted.items()}, chance)
-    write_atomic(str(out_dir / "results.json"), json.dumps(_plain(result, seed, steps, workers, named), indent=1))
+    plain = json.dumps(_plain(result, seed, steps, workers, named), indent=1)
+    write_atomic(str(out_dir / "results.json"), plain)
+    table = markdown(result)
+    parent.log_text(plain, "results.json")
+    parent.log_text(table, "comparison.md")
+    parent.log_metrics({f"make_minus_{_slug(base)}/{m}": e.value for base, row in differences.items()
+                        for m, e in row.items()})
+    parent.set_tags({"mlflow.note.content": table})  # the run's description in the UI
+    parent.finish("FINISHED")
+    return result, cfg, fitted
 
-    print()
-    print(f"make-dist demo: done in {result.minutes:.1f} minutes; {manifest['samples']} training samples, "
-          f"{steps} steps x {workers} workers x batch {cfg.data.batch_size} for each objective")
-    print(report(result, n_eval))
-    for label, r in fitted.items():
-        print(f"  {label}: model {r.run_dir}/model, MLflow run {r.run.id}")
-    print(f"  MLflow: mlflow ui --backend-store-uri {fitted['MAKE'].run.uri}   (results: {out_dir}/results.json)")
-    return result
+
+def markdown(result: DemoResult) -> str:
+    """The comparison as a Markdown table: a row per arm, then MAKE minus each baseline."""
+    metrics = list(bootstrap.STATISTICS)
+    lines = ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines += [f"| {label} | " + " | ".join(str(row[m]) for m in metrics) + " |"
+              for label, row in result.estimates.items()]
+    lines += [f"| **MAKE - {base}** | " + " | ".join(_signed(row[m]) for m in metrics) + " |"
+              for base, row in result.differences.items()]
+    lines.append("")
+    lines.append(f"95% bootstrap intervals over the held-out images; a difference whose interval excludes 0 is "
+                 f"resolved. Chance top-1: {result.chance_top1:.3f}.")
+    return "\n".join(lines)
 
 
 def report(result: DemoResult, n_eval: int) -> str:

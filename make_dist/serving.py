@@ -145,11 +145,12 @@ def signature():
 
 
 def log_model(run, export_dir: str, register: str | None = None, metrics: dict[str, float] | None = None,
-              step: int = 0) -> str:
+              step: int = 0, name: str = "model") -> str:
     """Log the export at `export_dir` (a local folder or any URL) on an MLflow
-    run as a pyfunc Logged Model, link the run's final metrics to it (logged
-    again at their own step, so the curves gain no new point), and register
-    it under `register` if named; returns the model's URI."""
+    run as a pyfunc Logged Model named `name` (the objective it was trained
+    with: make, clip, clip-knowledge), link the run's final metrics to it
+    (logged again at their own step, so the curves gain no new point), and
+    register it under `register` if named; returns the model's URI."""
     import fsspec
 
     mlflow.set_tracking_uri(run.uri)  # the driver's own store: the fluent API below reads it
@@ -161,7 +162,7 @@ def log_model(run, export_dir: str, register: str | None = None, metrics: dict[s
         local = os.path.join(tmp, "export")
         fs.get(path.rstrip("/") + "/", local, recursive=True)
         info = mlflow.models.Model.log(
-            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run.id,
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run.id,
             python_model=ENTRY, artifacts={WEIGHTS_ARTIFACT: local}, signature=signature(),
             input_example=input_example(), registered_model_name=register, step=step,
             pip_requirements=_requirements())

@@ -125,6 +125,9 @@ class Run:
         """The latest value of every metric."""
         return dict(self.client.get_run(self.id).data.metrics)
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.id).data.tags)
+
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of one metric, by step."""
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.id, key))
@@ -177,7 +180,9 @@ def open_run(cfg: Config, run_dir: str, *, run_name: str | None = None, parent: 
     run.set_tags({f"system.{k}": v for k, v in _driver_facts(cfg).items()})
     run.log_text(dump_config(cfg), "config.yaml")
     if isinstance(cfg.data.train_shards, str) and cfg.data.train_shards.endswith("manifest.json"):
-        log_shards_input(run, cfg.data.train_shards)
+        log_dataset_input(run, cfg.data.train_shards, "shards", "training")
+    for task, table in cfg.evaluation.tables().items():  # the UI's "Datasets used", beside the shards
+        log_dataset_input(run, table, f"{task} table", "evaluation")
     write_atomic(f"{run_dir}/{RUN_ID_FILE}", run.id)
     return run
 
@@ -233,21 +238,22 @@ def _experiment_id(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
-def log_shards_input(run: Run, manifest_url: str) -> None:
-    """The training shards' manifest as the run's dataset input (the UI's "Datasets used")."""
+def log_dataset_input(run: Run, url: str, name: str, context: str) -> None:
+    """A file (the shards' manifest, a held-out table) as one of the run's
+    dataset inputs, `context` training or evaluation (the UI's "Datasets used")."""
     import hashlib
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    digest = hashlib.sha256(read_bytes(manifest_url)).hexdigest()[:16]
+    digest = hashlib.sha256(read_bytes(url)).hexdigest()[:16]
     with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it is ambiguous
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
-        source = resolve_dataset_source(manifest_url)
-    dataset = MetaDataset(source=source, name="shards", digest=digest)
+        source = resolve_dataset_source(url)
+    dataset = MetaDataset(source=source, name=name, digest=digest)
     run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                tags=[InputTag("mlflow.data.context", "training")])])
+                                                tags=[InputTag("mlflow.data.context", context)])])
 
 
 def _code_version() -> dict[str, str]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from mlflow.tracking import MlflowClient
 
 EXE = Path(sys.executable).parent / "make-dist"  # the installed console script
 
@@ -100,8 +101,20 @@ def test_demo_end_to_end_small(tmp_path):
         assert line in out.stdout, line
     for noise in ("WARNING", "(RayTrainWorker", "(TrainController", "Traceback"):  # in the log files instead
         assert noise not in out.stdout + out.stderr, noise
-    models = list((tmp_path / "demo/runs").glob("demo-*-s3-*/model/open_clip_pytorch_model.bin"))
+    models = list((tmp_path / "demo/runs").glob("*-demo-s3-*/model/open_clip_pytorch_model.bin"))
     assert len(models) == 3  # MAKE and both CLIP arms
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("make-dist-demo").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name.startswith("demo s3 ")]
+    arms = {r.info.run_name.split(" · ")[0]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(arms) == {"MAKE", "CLIP", "CLIP + knowledge"}  # named by what differs, first
+    assert parent.info.status == "FINISHED" and "| **MAKE - CLIP** |" in parent.data.tags["mlflow.note.content"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.json", "comparison.md"}
+    assert "make_minus_clip/classify/top1" in parent.data.metrics
+    models = {client.get_logged_model(r.outputs.model_outputs[-1].model_id).name for r in arms.values()}
+    assert models == {"make", "clip", "clip-knowledge"}  # one model name per objective
+    assert {d.dataset.name for d in arms["MAKE"].inputs.dataset_inputs} == {
+        "shards", "classify table", "concepts table", "retrieval table"}
     results = json.loads((tmp_path / "demo/results.json").read_text())
     assert set(results["arms"]) == {"MAKE", "CLIP", "CLIP + knowledge"} and results["seed"] == 3
     for arm in results["arms"].values():

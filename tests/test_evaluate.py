@@ -160,7 +160,10 @@ def test_cli_eval_json_and_mlflow(eval_set, model, tmp_path):
     assert result["scored"] == 150 and set(result["metrics"]) >= {"top1", "top5", "macro_auroc"}
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     (run,) = client.search_runs([client.get_experiment_by_name("make-dist-eval").experiment_id])
-    assert run.data.metrics["eval/classify/scored"] == 150 and "eval/classify/top1" in run.data.metrics
+    assert run.data.tags["eval/classify/scored"] == "150" and "eval/classify/top1" in run.data.metrics
+    # counts are tags, not one-point charts
+    assert not {k for k in run.data.metrics if k.endswith(("/scored", "/rows", "/chance_top1"))}
+    assert run.data.tags["eval/classify/chance_top1"] == str(1 / 15)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/classify")}
     assert "eval/classify/confusion_matrix.png" in artifacts
 

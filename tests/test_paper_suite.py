@@ -229,7 +229,8 @@ def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     (run,) = client.search_runs([client.get_experiment_by_name("make-dist-eval").experiment_id])
     assert run.data.params["concept_terms"] == str(tmp_path / "ConceptTerms.json")
-    assert run.data.metrics["paper/PAD-UFES-20/scored"] == 9 and "paper/SkinCAP/i2t_R10" in run.data.metrics
+    assert run.data.tags["paper/PAD-UFES-20/scored"] == "9" and "paper/SkinCAP/i2t_R10" in run.data.metrics
+    assert "paper/PAD-UFES-20/scored" not in run.data.metrics
     assert run.data.metrics["paper/classify_avg_top1"] == pytest.approx(report["averages"]["classify_avg_top1"])
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "paper/SNU-134")}
     assert plots == {"paper/SNU-134/confusion_matrix.png"}

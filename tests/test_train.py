@@ -110,8 +110,8 @@ def test_zero_stages_train_through_short_batches(tmp_path, shards, repo_root, ra
         "data.resampled": "false", "data.batch_size": 6, "data.shuffle_buffer": 0}))
     client, run, history = run_history(tmp_path)
     assert [m.step for m in history] == [1, 2, 3] and all(torch.isfinite(torch.tensor(m.value)) for m in history)
-    samples = sorted(client.get_metric_history(run.info.run_id, "samples"), key=lambda m: m.step)
-    assert [m.value for m in samples] == [12, 8, 12]
+    seen = sorted(client.get_metric_history(run.info.run_id, "samples_seen"), key=lambda m: m.step)
+    assert [m.value for m in seen] == [12, 20, 32]  # batches of 12, 8 (the epoch's short last one), 12
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert artifacts == {"model/open_clip_config.json", "model/open_clip_pytorch_model.bin"}

@@ -35,7 +35,7 @@ from ..data.shards import table_rows
 from ..errors import UserError
 from ..files import within
 from . import metrics
-from .report import plots
+from .report import COUNTS, plots
 from .tasks import (RECALL_KS, TaskResult, classification_result, concepts_result, encode_images, encode_texts,
                     metric_name, retrieval_result)
 
@@ -449,16 +449,18 @@ def to_json(results: list[SetResult]) -> dict:
 def flat_metrics(results: list[SetResult], prefix: str = "paper") -> dict[str, float]:
     """`<prefix>/<set>/<metric>` of every scored set and `<prefix>/<average>`: what MLflow gets."""
     out = {f"{prefix}/{metric_name(r.benchmark.name)}/{k}": v for r in results if r.status == "scored"
-           for k, v in r.result.metrics.items() if v == v}
-    out.update({f"{prefix}/{metric_name(r.benchmark.name)}/scored": r.result.scored for r in results
-                if r.status == "scored"})
+           for k, v in r.result.metrics.items() if v == v and k not in COUNTS}
     out.update({f"{prefix}/{k}": v for k, v in averages(results).items()})
     return out
 
 
 def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper") -> None:
-    """Every metric, each scored set's plot, and the JSON of the suite, on an MLflow run."""
+    """Every metric, how many images each set scored (tags: counts, not
+    curves), each scored set's plot, and the JSON of the suite, on an MLflow run."""
     run.log_metrics(flat_metrics(results, prefix), step)
+    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/{k}": v for r in results if r.status == "scored"
+                  for k, v in {"scored": r.result.scored, "rows": r.result.rows,
+                               **{c: r.result.metrics[c] for c in COUNTS if c in r.result.metrics}}.items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
             if r.status == "scored":

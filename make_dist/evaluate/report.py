@@ -37,7 +37,8 @@ def write_json(path: str, results: dict[str, list[TaskResult]]) -> None:
 
 
 def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
-    """PNG files for one task: confusion matrix, per-concept AUROC bars or recall@K curves."""
+    """PNG files for one task: confusion matrix, per-concept AUROC bars or
+    recall@K curves; `label` (a model, a set, a step) leads their titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +55,7 @@ def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
             ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{label} confusion matrix (top-1 {result.metrics['top1']:.3f})")
+        ax.set_title(_title(label, f"confusion matrix (top-1 {result.metrics['top1']:.3f})"))
         paths.append(_save(fig, directory, "confusion_matrix.png"))
     elif result.task == "concepts":
         auroc = {k: v for k, v in result.details["auroc"].items() if v == v}
@@ -63,7 +64,7 @@ def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
         ax.axvline(0.5, color="grey", linestyle="--")
         ax.set_xlim(0, 1)
         ax.set_xlabel("AUROC")
-        ax.set_title(f"{label} concept annotation (mean {result.metrics['mean_auroc']:.3f})")
+        ax.set_title(_title(label, f"concept annotation (mean AUROC {result.metrics['mean_auroc']:.3f})"))
         paths.append(_save(fig, directory, "concept_auroc.png"))
     elif result.task == "retrieval":
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -73,23 +74,34 @@ def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:
         ax.set_ylabel("recall@K")
         ax.set_ylim(0, 1)
         ax.legend()
-        ax.set_title(f"{label} retrieval")
+        ax.set_title(_title(label, "retrieval: recall@K"))
         paths.append(_save(fig, directory, "recall_at_k.png"))
     plt.close("all")
     return paths
 
 
+# What a task reports that counts rather than measures: a run's tags, not charts of one point.
+COUNTS = ("chance_top1",)
+
+
 def log_results(run: Run, results: list[TaskResult], step: int = 0, prefix: str = "eval") -> None:
-    """Metrics (`eval/<task>/<metric>`, and how many images each scored), plots
-    and the results as JSON, on a run at a step."""
-    metrics = {f"{prefix}/{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
-    metrics.update({f"{prefix}/{r.task}/scored": r.scored for r in results})
-    run.log_metrics(metrics, step)
+    """Metrics (`eval/<task>/<metric>`), how many images each scored and the
+    chance level (tags: counts, not curves), plots and the results as JSON, on
+    a run at a step."""
+    run.log_metrics({f"{prefix}/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if k not in COUNTS},
+                    step)
+    run.set_tags({f"{prefix}/{r.task}/{k}": v for r in results for k, v in
+                  {"scored": r.scored, "rows": r.rows, **{c: r.metrics[c] for c in COUNTS if c in r.metrics}}.items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
-            for path in plots(r, tmp, r.task):
+            for path in plots(r, tmp, f"step {step}" if step else ""):
                 run.log_file(path, f"{prefix}/{r.task}")
     run.log_text(json.dumps([r.to_json() for r in results], indent=1), "results.json", prefix)
+
+
+def _title(label: str, what: str) -> str:
+    """A plot's title: what it shows, after whose (a model, a set, a step) when there is a label."""
+    return f"{label}: {what}" if label else what
 
 
 def _save(fig, directory: str, name: str) -> str:

@@ -159,12 +159,13 @@ def _check_sqlite_writable(uri: str, path: str) -> None:
 
 
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
-        params: dict | None = None, quiet: bool = False) -> FitResult:
+        params: dict | None = None, quiet: bool = False, tags: dict | None = None) -> FitResult:
     """Train: check -> the run folder's lease -> Ray -> MLflow run -> Ray
     Train's fit -> curves and status. A sweep's trial passes its parent MLflow
     run, Tune's report callback and the sampled parameters (logged beside the
     config). quiet: a step bar on the terminal instead of the workers' lines
-    (those go to Ray's logs)."""
+    (those go to Ray's logs). tags: on the MLflow run (the demo nests its
+    arms under its own run so)."""
     cfg = check(cfg)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     # Another run that takes the folder over (this driver seemed dead to it) stops this one: Ctrl-C's path.
@@ -174,7 +175,7 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
                   on_lost=(lambda reason: _thread.interrupt_main()) if in_main else None)
     with lease:
         try:
-            return _fit(cfg, run_dir, parent, callbacks, params, quiet)
+            return _fit(cfg, run_dir, parent, callbacks, params, quiet, tags)
         except Interrupted:
             if lease.lost:
                 raise UserError(f"stopped: {run_dir} was {lease.lost}; two runs must not share a folder, so this "
@@ -183,7 +184,7 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
 
 
 def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, params: dict | None,
-         quiet: bool) -> FitResult:
+         quiet: bool, tags: dict | None) -> FitResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -191,7 +192,7 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
     job, _ = ray_job()
     run = open_run(cfg, run_dir, parent=parent,
                    params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}},
-                   tags={RAY_JOB_TAG: job} if job else None)
+                   tags={**(tags or {}), **({RAY_JOB_TAG: job} if job else {})})
     if not quiet:
         print(f"make-dist: MLflow run {run.id} at {run.uri}")
         if run.uri.startswith("sqlite:"):
@@ -232,7 +233,8 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
         from ..serving import log_model  # mlflow.pyfunc takes seconds to import: only where a model is logged
 
         model_uri = log_model(run, f"{run_dir}/model", cfg.tracking.register,
-                              {k: v for k, v in metrics.items() if k.startswith("eval/")}, int(metrics.get("step", 0)))
+                              {k: v for k, v in metrics.items() if k.startswith("eval/")}, int(metrics.get("step", 0)),
+                              name=cfg.objective())
         if not quiet:
             print(f"make-dist: model logged as {model_uri}"
                   + (f", registered as {cfg.tracking.register}" if cfg.tracking.register else ""))

@@ -55,6 +55,7 @@ class Worker:
     loss: MakeLoss
     start_step: int
     nonfinite_total: int
+    samples_seen: int = 0  # training samples of every rank so far (what the curves' progress is, beside the step)
     # Steps up to these are in the MLflow run already (a run resumed after a crash replays them):
     logged_through: int = 0  # the step metrics
     evaluated_through: int = 0  # the held-out evaluations (logged after their step's metrics)
@@ -71,14 +72,15 @@ def setup(cfg: Config) -> Worker:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, text_batching=cfg.text_batching())
     engine = ds.build_engine(model, cfg, world)
-    start, nonfinite = 0, 0
+    start, nonfinite, seen = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = resume(engine, checkpoint, rank, device)
         start, nonfinite = state["step"], state.get("nonfinite", 0)
+        seen = state.get("samples_seen", start * cfg.data.batch_size * world)  # a checkpoint of an older make-dist
         if rank == 0:
             say(f"make-dist: resumed from the checkpoint of step {start}")
-    return Worker(cfg, rank, world, device, engine, model, MakeLoss.from_config(cfg.loss), start, nonfinite)
+    return Worker(cfg, rank, world, device, engine, model, MakeLoss.from_config(cfg.loss), start, nonfinite, seen)
 
 
 RESTORED, UNREADABLE, REFUSED = 1, 0, -1  # a rank's outcome of loading a checkpoint; the run takes the lowest
@@ -227,7 +229,8 @@ def report(w: Worker, metrics: dict, save: bool) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="make-dist-ckpt-") as directory:
-        ds.save_checkpoint(w.engine, directory, metrics["step"], {"nonfinite": w.nonfinite_total})
+        ds.save_checkpoint(w.engine, directory, metrics["step"],
+                           {"nonfinite": w.nonfinite_total, "samples_seen": w.samples_seen})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -341,10 +344,11 @@ def _train(w: Worker, plan: WorkerPlan, run: Run | None) -> None:
         nonfinite_run = 0
         step += 1
         step_time = time.perf_counter() - step_start
+        samples = sum(batch.rows_per_rank)  # the global batch; short at the end of an epoch read in order
+        w.samples_seen += samples
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            samples = sum(batch.rows_per_rank)
             log_step(w, run, step, result, {
-                "samples": samples,  # the global batch; short at the end of an epoch read in order
+                "samples_seen": w.samples_seen,
                 "samples_per_s": samples / max(step_time + data_wait, 1e-9),
                 "data_wait_s": data_wait,
                 **dict(zip(("skipped_samples", "skipped_shards"),
