@@ -458,7 +458,7 @@ def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper
     """Every metric, how many images each set scored (tags: counts, not
     curves), each scored set's plot, and the JSON of the suite, on an MLflow run."""
     run.log_metrics(flat_metrics(results, prefix), step)
-    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/{k}": v for r in results if r.status == "scored"
+    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/{k}": f"{v:.4g}" for r in results if r.status == "scored"
                   for k, v in {"scored": r.result.scored, "rows": r.result.rows,
                                **{c: r.result.metrics[c] for c in COUNTS if c in r.result.metrics}}.items()})
     with tempfile.TemporaryDirectory() as tmp:

@@ -90,7 +90,7 @@ def log_results(run: Run, results: list[TaskResult], step: int = 0, prefix: str 
     a run at a step."""
     run.log_metrics({f"{prefix}/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if k not in COUNTS},
                     step)
-    run.set_tags({f"{prefix}/{r.task}/{k}": v for r in results for k, v in
+    run.set_tags({f"{prefix}/{r.task}/{k}": f"{v:.4g}" for r in results for k, v in
                   {"scored": r.scored, "rows": r.rows, **{c: r.metrics[c] for c in COUNTS if c in r.metrics}}.items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:

@@ -307,6 +307,11 @@ def system_metrics(run: Run | None, resumed: bool) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
+        # and a closing sample: MLflow drops what it sampled since its last interval, so a run
+        # shorter than one interval (10 s) would show an empty System metrics tab
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def _train(w: Worker, plan: WorkerPlan, run: Run | None) -> None:
