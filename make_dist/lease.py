@@ -157,7 +157,7 @@ class Lease:
     def _create(self, generation: int) -> bool:
         """This generation's file with our holder in it, if there is none (atomically)."""
         path, data = self._file(generation), json.dumps(asdict(self.me), indent=1).encode()
-        if type(self.fs).__name__ == "LocalFileSystem":  # written whole beside, then linked: no reader sees it half-written
+        if type(self.fs).__name__ == "LocalFileSystem":  # written whole beside, then linked: never seen half-written
             tmp = f"{path}.{self.me.token}"
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -216,7 +216,8 @@ class Lease:
                         self.on_lost(self.lost)
                     return
                 self.me.renewed = time.time()
-                write_atomic(self.fs.unstrip_protocol(self._file(self.generation)), json.dumps(asdict(self.me), indent=1))
+                write_atomic(self.fs.unstrip_protocol(self._file(self.generation)),
+                             json.dumps(asdict(self.me), indent=1))
             except Exception as e:  # storage briefly unreachable: try again at the next round
                 print(f"make-dist: {self.folder}: could not renew the run's lease ({storage_problem(e)})",
                       file=sys.stderr)

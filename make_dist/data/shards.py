@@ -37,7 +37,8 @@ from PIL import Image
 
 from ..config import Config
 from ..errors import UserError
-from ..files import OutsideRoot, atomic_writer, check_writable, image_location, open_image, read_bytes, storage_problem, write_atomic
+from ..files import (OutsideRoot, atomic_writer, check_writable, image_location, open_image, read_bytes,
+                     storage_problem, write_atomic)
 from ..slots import DEFAULT_K
 from .schema import ColumnMap, RowError
 
@@ -149,7 +150,8 @@ def write_shards(table: str, out: str, columns: ColumnMap, *, images_root: str |
     rows = table_rows(table, columns.used(), data)
     job = {"table": table, "table_sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows),
            "columns": dataclasses.asdict(columns),
-           "images_root": os.path.abspath(images_root) if images_root and "://" not in images_root else images_root, "images_anywhere": images_anywhere,
+           "images_root": os.path.abspath(images_root) if images_root and "://" not in images_root else images_root,
+           "images_anywhere": images_anywhere,
            "shard_size": shard_size, "image_max_side": image_max_side, "subtexts": k, "jpeg_quality": JPEG_QUALITY}
     fs, root = fsspec.core.url_to_fs(out)
     created = not fs.exists(root)
@@ -166,7 +168,7 @@ def _remove_if_no_sample(fs, root: str) -> None:
     """A folder this run made that holds no sample is removed (never failing
     over the error that brought us here)."""
     try:
-        if not any(p["samples"] for p in _finished_parts(fs, root).values()):
+        if not _has_samples(fs, root):
             fs.rm(root, recursive=True)
     except Exception:
         pass
@@ -209,8 +211,8 @@ def _write_job(fs, root: str, out: str, rows: list[dict], columns: ColumnMap, jo
             finish(*in_flight.popleft())
     bar.close()
 
-    parts = _finished_parts(fs, root)
-    if not any(p["samples"] for p in parts.values()):
+    if not _has_samples(fs, root):
+        parts = _finished_parts(fs, root)
         skipped = [s for i in sorted(parts) for s in parts[i]["skipped"]]
         shown = "; ".join(f"row {s['row']} {s['image']}: {s['reason']}" for s in skipped[:3])
         raise UserError(f"shards: no row of {job['table']} became a sample ({len(skipped)} skipped; {shown}"
@@ -238,7 +240,7 @@ def _same_job(fs, root: str, out: str, job: dict) -> None:
     except ValueError:
         raise UserError(f"{_url(fs, path)}: damaged; remove {out} and write the shards again") from None
     differ = [k for k in job if k != "table" and recorded.get(k) != job[k]]
-    if differ and not any(p["samples"] for p in _finished_parts(fs, root).values()):
+    if differ and not _has_samples(fs, root):
         print(f"shards: {out} holds no sample of the earlier job (from {recorded.get('table')}): starting afresh")
         fs.rm(f"{root}/{PARTS}", recursive=True)
         write_atomic(_url(fs, path), json.dumps(job, indent=1))
@@ -288,6 +290,11 @@ def _finished_parts(fs, root: str) -> dict[int, dict]:
     for path in fs.glob(f"{root}/{PARTS}/shard-*.json"):
         parts[int(path.rpartition("shard-")[2][:-len(".json")])] = json.loads(fs.cat_file(path))
     return parts
+
+
+def _has_samples(fs, root: str) -> bool:
+    """Whether a finished shard of the folder holds a sample (a failed job's parts hold only skipped rows)."""
+    return any(p["samples"] for p in _finished_parts(fs, root).values())
 
 
 def _manifest(fs, root: str, out: str, table: str, n_shards: int, shard_size: int, k: int) -> dict:

@@ -35,7 +35,7 @@ from ..data.shards import table_rows
 from ..errors import UserError
 from ..files import within
 from . import metrics
-from .report import COUNTS, plots
+from .report import COUNTS, count_tags, plots
 from .tasks import (RECALL_KS, TaskResult, classification_result, concepts_result, encode_images, encode_texts,
                     metric_name, retrieval_result)
 
@@ -458,9 +458,8 @@ def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper
     """Every metric, how many images each set scored (tags: counts, not
     curves), each scored set's plot, and the JSON of the suite, on an MLflow run."""
     run.log_metrics(flat_metrics(results, prefix), step)
-    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/{k}": f"{v:.4g}" for r in results if r.status == "scored"
-                  for k, v in {"scored": r.result.scored, "rows": r.result.rows,
-                               **{c: r.result.metrics[c] for c in COUNTS if c in r.result.metrics}}.items()})
+    run.set_tags({k: v for r in results if r.status == "scored"
+                  for k, v in count_tags(r.result, f"{prefix}/{metric_name(r.benchmark.name)}").items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
             if r.status == "scored":

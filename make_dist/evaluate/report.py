@@ -90,13 +90,19 @@ def log_results(run: Run, results: list[TaskResult], step: int = 0, prefix: str 
     a run at a step."""
     run.log_metrics({f"{prefix}/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if k not in COUNTS},
                     step)
-    run.set_tags({f"{prefix}/{r.task}/{k}": f"{v:.4g}" for r in results for k, v in
-                  {"scored": r.scored, "rows": r.rows, **{c: r.metrics[c] for c in COUNTS if c in r.metrics}}.items()})
+    run.set_tags({k: v for r in results for k, v in count_tags(r, f"{prefix}/{r.task}").items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
             for path in plots(r, tmp, f"step {step}" if step else ""):
                 run.log_file(path, f"{prefix}/{r.task}")
     run.log_text(json.dumps([r.to_json() for r in results], indent=1), "results.json", prefix)
+
+
+def count_tags(result: TaskResult, prefix: str) -> dict[str, str]:
+    """`<prefix>/scored`, `/rows` and the COUNTS of one result, as tags (4 significant digits)."""
+    counts = {"scored": result.scored, "rows": result.rows,
+              **{c: result.metrics[c] for c in COUNTS if c in result.metrics}}
+    return {f"{prefix}/{k}": f"{v:.4g}" for k, v in counts.items()}
 
 
 def _title(label: str, what: str) -> str:

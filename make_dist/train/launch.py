@@ -22,9 +22,9 @@ from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists, missing_files, within
+from ..lease import Lease
 from ..progress import StepBar
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
-from ..lease import Lease
 from .cluster import init_ray, ray_job, ray_logs
 from .plan import WorkerPlan, run_worker
 

@@ -25,7 +25,7 @@ from ..config import Config
 from ..data.stream import Batch, make_loader
 from ..errors import RefusedFile, UserError
 from ..evaluate import paper
-from ..evaluate.report import log_results
+from ..evaluate.report import COUNTS, log_results
 from ..evaluate.tasks import run_task
 from ..files import atomic_writer
 from ..model import EXPORT_CONFIG, EXPORT_WEIGHTS, MakeModel, build_model, export_open_clip, tokenizer
@@ -254,7 +254,7 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
         w.model.train()
         if w.rank == 0:
             summary = "  ".join(f"{r.task} " + " ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()
-                                                       if "/" not in k and k != "chance_top1") for r in results)
+                                                       if "/" not in k and k not in COUNTS) for r in results)
             summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
             say(f"step {step}: evaluation: {summary.strip()}")
             logged = run is not None and step > w.evaluated_through
