@@ -14,6 +14,9 @@ import threading
 from .config import TASKS, dump_config, load_config
 from .errors import ConfigError, Interrupted, UserError
 
+# The paper's model: ViT-B/16 from OpenAI's weights, which open_clip builds with QuickGELU.
+PAPER_ARCHITECTURE = "ViT-B-16-quickgelu"
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="config file (default: built-in defaults)")
@@ -122,11 +125,18 @@ def cmd_eval(args) -> int:
             raise UserError("--suite scores its own sets: leave out --task and --table")
         if not args.data:
             raise UserError("--suite paper needs --data DIR, the authors' data/ folder (PAD/, F17K/, ...)")
+        if not args.model and not args.weights:
+            raise UserError(f"--suite paper scores a trained model: give --weights FILE (e.g. the authors' "
+                            f"epoch_15.pt, loaded into {PAPER_ARCHITECTURE}) or --model (an exported or "
+                            f"downloaded model folder, e.g. the authors' MAKE from Hugging Face)")
+        args.model = args.model or PAPER_ARCHITECTURE
         from .evaluate import paper
 
         paper.check_data(args.data)  # a wrong folder fails before the model loads
-    elif not (args.task and args.table):
-        raise UserError("give --task and --table (one table), or --suite paper --data DIR (the paper's sets)")
+        paper.find_concept_terms(args.data, args.concept_terms)  # and so does a wrong terms option
+    elif not (args.task and args.table and args.model):
+        raise UserError("give --model, --task and --table (one table), or --suite paper --data DIR "
+                        "(the paper's sets)")
     model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
     model = build_model(model_cfg)
     if args.suite:
@@ -154,8 +164,9 @@ def cmd_eval(args) -> int:
         name = f"{args.suite or args.task} {args.model}"
         run = Run(uri, args.run_id) if args.run_id else Run.create(uri, "make-dist-eval", name)
         if args.suite:
+            terms = {r.concept_terms for r in results if r.concept_terms}
             run.log_params({"suite": args.suite, "data": args.data, "model": args.model,
-                            "weights": args.weights or "", "concept_terms": args.concept_terms or "(make-dist's)"})
+                            "weights": args.weights or "", "concept_terms": ", ".join(sorted(terms)) or "(none)"})
             paper.log_suite(run, results)
         else:
             log_results(run, results)
@@ -234,16 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="zero-shot classification, concept annotation, retrieval",
                        description=cmd_eval.__doc__)
-    p.add_argument("--model", required=True,
-                   help="an exported model folder, an open_clip name (ViT-B-16) or a config .json")
-    p.add_argument("--weights", help="a checkpoint file or an open_clip pretrained tag for --model")
+    p.add_argument("--model",
+                   help="an exported model folder, an open_clip name (ViT-B-16) or a config .json "
+                        f"(--suite: default {PAPER_ARCHITECTURE}, the paper's, for --weights)")
+    p.add_argument("--weights", help="a checkpoint file (e.g. the authors' epoch_15.pt) or an open_clip "
+                                     "pretrained tag for --model")
     p.add_argument("--task", choices=TASKS, help="one task on one table (with --table)")
     p.add_argument("--table", help="CSV or Parquet: image + label | concept 0/1 columns | caption")
     p.add_argument("--suite", choices=("paper",), help="the paper's seven benchmark sets (with --data)")
     p.add_argument("--data", metavar="DIR", help="--suite: the authors' data/ folder (PAD/, F17K/, SNU/, SD-128/, "
                    "skincon/, derm7pt/, skin_cap/)")
-    p.add_argument("--concept-terms", metavar="JSON",
-                   help="--suite: concept synonym terms, e.g. the authors' ConceptTerms.json (default: make-dist's)")
+    p.add_argument("--concept-terms", metavar="JSON|CHECKOUT",
+                   help="--suite: concept synonym terms: a JSON file, or a checkout of the authors' repository "
+                        "(its ConceptTerms.json is read). Default: the authors' file when DIR is their checkout's "
+                        "data/, else make-dist's own terms (marked as not comparable with the paper)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--images-root", help="folder or URL that relative image paths are under")
     p.add_argument("--images-anywhere", action="store_true", help=IMAGES_ANYWHERE)

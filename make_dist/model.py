@@ -16,9 +16,13 @@ step's model FLOPs, for MFU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -28,12 +32,17 @@ from torch import nn
 from .config import ModelConfig
 from .errors import UserError
 from .files import atomic_writer, write_atomic
+from .progress import say
 from .tokens import token_lengths
 
 MAX_SCALE = 100.0
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Files of an exported model, as open_clip's `local-dir:` loader expects them.
 EXPORT_CONFIG, EXPORT_WEIGHTS = "open_clip_config.json", "open_clip_pytorch_model.bin"
+# Keys the authors' open_clip fork (SiyuanYan1/MAKE) writes into a model
+# config that configure its training loss, not the towers; stock open_clip
+# refuses them (a TypeError), so a config carrying them loads without them.
+TRAINING_ONLY_KEYS = {"vision_cfg": ("patch_embeddings", "sigma")}
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -201,10 +210,20 @@ def _tower_flops(transformer, lengths: torch.Tensor) -> float:
 # Building, tokenizer, export
 
 
-def resolve_architecture(name: str) -> tuple[str, dict]:
-    """(open_clip name, model config) for a built-in name, a config JSON path,
-    a bare name from make_dist/model_configs, an exported model folder (or a
-    downloaded Hugging Face one: the same files), or an hf-hub:ORG/REPO name."""
+class Architecture(NamedTuple):
+    """A model as open_clip builds it: the name it is created by, its config,
+    and, for a folder whose config had to be cleaned, the weights found in it."""
+
+    name: str
+    arch: dict
+    weights: str | None = None
+    preprocess: dict | None = None
+
+
+def resolve_architecture(name: str) -> Architecture:
+    """The architecture of a built-in name, a config JSON path, a bare name
+    from make_dist/model_configs, an exported model folder (or a downloaded
+    Hugging Face one: the same files), or an hf-hub:ORG/REPO name."""
     path = Path(name)
     if path.suffix == ".json" or (not path.suffix and (CONFIG_DIR / f"{name}.json").is_file()):
         path = path if path.suffix == ".json" else CONFIG_DIR / f"{name}.json"
@@ -214,31 +233,139 @@ def resolve_architecture(name: str) -> tuple[str, dict]:
         if not all(k in arch for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ModelLoadError(f"{path}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)
-        return path.stem, arch
+        return Architecture(path.stem, arch)
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
-        return f"local-dir:{path}", json.loads((path / EXPORT_CONFIG).read_text())["model_cfg"]
+        return _folder(f"local-dir:{path}", json.loads((path / EXPORT_CONFIG).read_text()), lambda: _weights_in(path))
     if name.startswith("hf-hub:"):  # e.g. the authors' released weights, hf-hub:xieji-x/MAKE
+        repo = name[len("hf-hub:"):]
         try:
-            config = open_clip.pretrained.download_pretrained_from_hf(name[len("hf-hub:"):], filename=EXPORT_CONFIG)
+            config = open_clip.pretrained.download_pretrained_from_hf(repo, filename=EXPORT_CONFIG)
         except Exception as e:
             raise ModelLoadError(
                 f"{name}: cannot fetch its {EXPORT_CONFIG} from the Hugging Face Hub ({str(e)[:200]}). Offline, "
                 f"download the repository where there is a connection (huggingface-cli download REPO --local-dir "
                 f"DIR) and pass DIR as the model") from None
-        return name, json.loads(Path(config).read_text())["model_cfg"]
+        return _folder(name, json.loads(Path(config).read_text()),
+                       lambda: open_clip.pretrained.download_pretrained_from_hf(repo))
     arch = open_clip.get_model_config(name)
     if arch is None:
         raise ModelLoadError(
             f"unknown model {name!r}: not an open_clip architecture, a config .json file or an exported "
             f"model folder (e.g. ViT-B-16, {CONFIG_DIR / 'make-tiny.json'})"
         )
-    return name, arch
+    return Architecture(name, arch)
+
+
+def _folder(name: str, config: dict, weights) -> Architecture:
+    """A model folder's (or Hub repository's) architecture. A config with the
+    authors' training-only keys is registered without them under a name of
+    its own, and its weights are loaded from the file `weights()` finds."""
+    if "model_cfg" not in config:
+        raise ModelLoadError(f"{name}: its {EXPORT_CONFIG} has no model_cfg")
+    arch, dropped = without_training_keys(config["model_cfg"])
+    if not dropped:
+        return Architecture(name, arch)
+    say(f"{name}: {EXPORT_CONFIG} sets {', '.join(dropped)}, which configure the authors' training loss, not "
+        f"the model: loaded without them")
+    return Architecture(_register(arch), arch, str(weights() or ""), config.get("preprocess_cfg"))
+
+
+def without_training_keys(arch: dict) -> tuple[dict, list[str]]:
+    """(a copy of the config without TRAINING_ONLY_KEYS, the keys dropped)."""
+    arch = json.loads(json.dumps(arch))
+    dropped = [f"{section}.{key}" for section, keys in TRAINING_ONLY_KEYS.items() for key in keys
+               if key in arch.get(section, {})]
+    for entry in dropped:
+        section, key = entry.split(".")
+        del arch[section][key]
+    return arch, dropped
+
+
+def _register(arch: dict) -> str:
+    """open_clip's name for a config it does not ship, added to its registry
+    through its one public way in, a file (read at once, then removed)."""
+    text = json.dumps(arch, sort_keys=True)
+    name = f"make-dist-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if open_clip.get_model_config(name) is None:
+        with tempfile.TemporaryDirectory(prefix="make-dist-arch-") as folder:
+            (Path(folder) / f"{name}.json").write_text(text)
+            open_clip.add_model_config(Path(folder) / f"{name}.json")
+    return name
+
+
+def _weights_in(folder: Path) -> Path | None:
+    """The weights file of a model folder, in open_clip's order of preference."""
+    for pattern in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "*.safetensors",
+                    "open_clip_pytorch_model.bin", "*.bin", "*.pth"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def quick_gelu_origin(name: str, pretrained: str | None) -> str | None:
+    """Why `pretrained` is known to hold weights trained with QuickGELU (None
+    when not known): an open_clip tag that says so (OpenAI's), or a
+    checkpoint of the authors' training. Their training (open_clip_train:
+    `--model ViT-B-16 --pretrained openai`) starts from OpenAI's weights,
+    which open_clip builds with QuickGELU whatever the name says; its
+    checkpoint is a dict with `state_dict`, keys `module.*` (DDP's), and the
+    run's params.txt two folders up (logs/NAME/checkpoints/epoch_N.pt)."""
+    if not pretrained:
+        return None
+    if not os.path.isfile(pretrained):
+        tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        return f"open_clip's {pretrained!r} weights were trained with QuickGELU" if tag.get("quick_gelu") else None
+    params = Path(pretrained).resolve().parent.parent / "params.txt"
+    if params.is_file():  # the run's own record: what it started from
+        record = dict(line.partition(": ")[::2] for line in params.read_text(errors="replace").splitlines())
+        started = record.get("pretrained", "").strip()
+        if (started.lower() == "openai" or record.get("force_quick_gelu", "").strip() == "True"
+                or record.get("model", "").strip().endswith("quickgelu")):
+            return f"its run's {params} says it started from {started or 'QuickGELU'} weights (QuickGELU)"
+        return None
+    if _authors_checkpoint(pretrained):
+        return ("it is a checkpoint of the authors' MAKE training (a dict with state_dict, keys module.*), "
+                "which starts from OpenAI's weights (QuickGELU)")
+    return None
+
+
+def _authors_checkpoint(path: str) -> bool:
+    """Whether a file is an open_clip_train checkpoint saved under DDP. Read
+    with torch's weights-only loader, memory-mapped: nothing in it runs, and a
+    1.7 GB file costs only what is looked at."""
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive: the legacy format cannot be mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # not a torch file (safetensors, ...): open_clip's loader says what it is
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    return isinstance(state, dict) and bool(state) and all(str(k).startswith("module.") for k in state)
+
+
+def check_activation(name: str, arch: dict, pretrained: str | None) -> None:
+    """Refuse weights trained with QuickGELU in an architecture built with
+    GELU (every embedding would be off, silently). A config that sets
+    `quick_gelu` either way is taken at its word."""
+    if "quick_gelu" in arch:
+        return
+    why = quick_gelu_origin(name, pretrained)
+    if why is None:
+        return
+    twin = f"{name}-quickgelu"
+    use = twin if open_clip.get_model_config(twin) is not None else 'a model config with "quick_gelu": true'
+    raise ModelLoadError(
+        f"{pretrained}: {why}, but {name} builds GELU: every score would move. Use --model {use} "
+        f"(model.name in a config). Weights trained with GELU after all: name a model config .json that "
+        f"says \"quick_gelu\": false")
 
 
 def build_model(cfg: ModelConfig, text_batching: str | None = None) -> MakeModel:
     """The model of a ModelConfig, with its weights if `pretrained` names any.
     text_batching: the effective one when the run changes it (Config.text_batching)."""
-    name, arch = resolve_architecture(cfg.name)
+    name, arch, folder_weights, preprocess = resolve_architecture(cfg.name)
     pretrained = cfg.pretrained
     if pretrained and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -247,15 +374,23 @@ def build_model(cfg: ModelConfig, text_batching: str | None = None) -> MakeModel
                 f"model.pretrained = {pretrained!r}: neither a local file nor a pretrained tag of {name} "
                 f"(tags: {', '.join(tags) or 'none'})"
             )
+    check_activation(name, arch, pretrained)
+    if folder_weights is not None:  # a folder's cleaned config: its own weights, as local-dir: would load them
+        pretrained = folder_weights or None
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained, nonscalar_logit_scale=True)
-    except RuntimeError as e:
+        clip = open_clip.create_model(name, pretrained=pretrained, nonscalar_logit_scale=True,
+                                      force_preprocess_cfg=preprocess)
+    except (RuntimeError, AssertionError, KeyError, ValueError, pickle.UnpicklingError) as e:
         if pretrained and not os.path.isfile(pretrained):
             raise ModelLoadError(
                 f"could not fetch the pretrained weights {pretrained!r} of {name}: the tag is downloaded "
                 f"from the internet ({e}). Offline, download the checkpoint where there is a connection "
                 f"and set model.pretrained to the local file's path."
             ) from None
+        if pretrained:  # open_clip's loader: a state dict of another shape, or a file it cannot read safely
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ModelLoadError(f"{pretrained}: cannot be loaded into {cfg.name} ({reason}): name the "
+                                 f"architecture these weights were trained as (--model, model.name)") from None
         raise
     model = MakeModel(clip, dict(arch), text_batching or cfg.text_batching, cfg.text_bucket)
     model.set_grad_checkpointing(cfg.checkpointed("image"), cfg.checkpointed("text"))
@@ -284,8 +419,7 @@ def text_groups(lengths: torch.Tensor, bucket: int | None, context: int) -> list
 
 def tokenizer(cfg: ModelConfig):
     """open_clip's tokenizer for the architecture: texts -> (T, context) int64."""
-    name, _ = resolve_architecture(cfg.name)
-    return open_clip.get_tokenizer(name)
+    return open_clip.get_tokenizer(resolve_architecture(cfg.name).name)
 
 
 def export_open_clip(model: MakeModel, out_dir: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Encoders: what they return, the exactness of the fast text path, export."""
 
+import json
 import os
 import subprocess
 import sys
@@ -231,9 +232,112 @@ def test_pretrained_tag_offline_says_pass_a_local_file():
     """No internet here: the tag cannot be fetched; the CLI says what to do."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # fail at once instead of after retries
     run = subprocess.run(
-        [sys.executable, "-m", "make_dist.cli", "model", "--set", "model.name=ViT-B-16", "--set", "model.pretrained=openai"],
+        [sys.executable, "-m", "make_dist.cli", "model", "--set", "model.name=ViT-B-16-quickgelu",
+         "--set", "model.pretrained=openai"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert run.returncode == 2
     assert "set model.pretrained to the local file's path" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------------
+# The authors' weights: QuickGELU, their training checkpoints, their config keys
+
+
+def _authors_checkpoint(model, path):
+    """A checkpoint as the authors' training writes it (open_clip_train under
+    DDP): a dict with the epoch, the run's name, the optimizer, and the weights
+    under `state_dict` with DDP's `module.` before every key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"module.{k}": v.clone() for k, v in model.clip.state_dict().items()}
+    torch.save({"epoch": 15, "name": "2025_05_01-model_ViT-B-16-lr_0.0001-b_2048",
+                "state_dict": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}, path)
+    return path
+
+
+def test_the_authors_checkpoint_is_refused_in_a_gelu_model(model, tmp_path):
+    """The authors train from OpenAI's weights, which open_clip builds with
+    QuickGELU: their checkpoint loaded into a GELU architecture is refused,
+    the message naming the QuickGELU twin; into a QuickGELU config it loads
+    (the `module.` prefix stripped) and gives the same weights."""
+    from make_dist.model import check_activation
+
+    ckpt = str(_authors_checkpoint(model, tmp_path / "epoch_15.pt"))
+    with pytest.raises(ModelLoadError, match=r"epoch_15.pt: it is a checkpoint of the authors' MAKE training .* "
+                                             r"but ViT-B-16 builds GELU: every score would move. "
+                                             r"Use --model ViT-B-16-quickgelu"):
+        check_activation("ViT-B-16", open_clip.get_model_config("ViT-B-16"), ckpt)
+    check_activation("ViT-B-16-quickgelu", open_clip.get_model_config("ViT-B-16-quickgelu"), ckpt)
+    with pytest.raises(ModelLoadError, match="make-tiny builds GELU.* a model config with \"quick_gelu\": true"):
+        build_model(ModelConfig(name="make-tiny", pretrained=ckpt))
+    with pytest.raises(ModelLoadError, match="'openai' weights were trained with QuickGELU.*ViT-B-16-quickgelu"):
+        check_activation("ViT-B-16", open_clip.get_model_config("ViT-B-16"), "openai")  # before any download
+    from make_dist.model import CONFIG_DIR
+
+    arch = json.loads((CONFIG_DIR / "make-tiny.json").read_text())
+    for quick in (True, False):  # a config that says it either way is taken at its word
+        config = tmp_path / f"tiny-{quick}.json"
+        config.write_text(json.dumps(dict(arch, quick_gelu=quick)))
+        loaded = build_model(ModelConfig(name=str(config), pretrained=ckpt))
+        state = loaded.clip.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in model.clip.state_dict().items())
+        assert isinstance(loaded.clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU) \
+            == quick
+
+
+def test_the_checkpoints_own_run_record_decides(model, tmp_path):
+    """open_clip_train keeps params.txt two folders above its checkpoints: a
+    run that started from OpenAI's weights is refused in a GELU model, one
+    that started from GELU weights loads."""
+    from make_dist.model import quick_gelu_origin
+
+    ckpt = str(_authors_checkpoint(model, tmp_path / "logs/run/checkpoints/epoch_1.pt"))
+    (tmp_path / "logs/run/params.txt").write_text("model: ViT-B-16\npretrained: OPENAI\nlr: 0.0001\n")
+    assert "logs/run/params.txt says it started from OPENAI" in quick_gelu_origin("ViT-B-16", ckpt)
+    (tmp_path / "logs/run/params.txt").write_text("model: ViT-B-16\npretrained: laion2b_s34b_b88k\n"
+                                                  "force_quick_gelu: False\n")
+    assert quick_gelu_origin("ViT-B-16", ckpt) is None
+    loaded = build_model(ModelConfig(name="make-tiny", pretrained=ckpt))
+    assert torch.equal(loaded.clip.visual.conv1.weight, model.clip.visual.conv1.weight)
+    assert quick_gelu_origin("make-tiny", None) is None
+
+
+def test_a_config_with_the_authors_training_keys_loads_without_them(model, tmp_path, capsys):
+    """The authors' open_clip fork writes `patch_embeddings` and `sigma` into
+    vision_cfg; stock open_clip refuses them. A model folder with such a
+    config loads (the keys dropped, and said), with its own weights."""
+    export_open_clip(model, tmp_path / "MAKE")
+    config = json.loads((tmp_path / "MAKE/open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"].update(patch_embeddings=True, sigma=0.3)
+    (tmp_path / "MAKE/open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="patch_embeddings"):  # what stock open_clip does with it
+        open_clip.create_model(f"local-dir:{tmp_path / 'MAKE'}")
+    loaded = build_model(ModelConfig(name=str(tmp_path / "MAKE"))).eval()
+    said = capsys.readouterr().out
+    assert "sets vision_cfg.patch_embeddings, vision_cfg.sigma, which configure the authors' training loss" in said
+    image = torch.randint(0, 256, (2, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(image)[0], model.encode_image(image)[0])
+    assert "patch_embeddings" not in loaded.arch["vision_cfg"]
+    tokens = tokenizer(ModelConfig(name=str(tmp_path / "MAKE")))(["a red plaque"])
+    assert tokens.shape == (1, 77)
+
+
+def test_weights_that_would_run_code_are_refused(tmp_path):
+    """A weights file whose pickle calls a function: neither the QuickGELU
+    check nor open_clip's loader runs it; the error names the file."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "epoch_15.pt"
+    torch.save({"state_dict": {"module.x": torch.zeros(1)}, "extra": Planted()}, path,
+               pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ModelLoadError, match=f"{path}: cannot be loaded into make-tiny"):
+        build_model(ModelConfig(name="make-tiny", pretrained=str(path)))
+    assert not marker.exists()

@@ -174,6 +174,9 @@ def test_shards_training_checkpoints_resume_and_evaluation_on_s3(tmp_path, repo_
     assert [step for step, _ in history("eval/classify/top1")] == [2, 4, 6]
     assert run.data.tags["eval/retrieval/scored"] == "40" and run.data.tags["eval/paper/PAD-UFES-20/scored"] == "9"
     assert "eval/paper/concepts_avg_auroc" in run.data.metrics
+    # what keeps the suite from the paper's protocol, on the run: make-dist's terms, 1 of 4 classification sets
+    assert run.data.tags["eval/paper/SkinCon/concept_terms"] == "make-dist"
+    assert run.data.tags["eval/paper/classify_avg_top1/sets"] == "1 of 4"
     artifacts = lambda folder: {a.path for a in client.list_artifacts(run.info.run_id, folder)}  # noqa: E731
     assert "eval/classify/confusion_matrix.png" in artifacts("eval/classify")
     assert "eval/paper/SkinCon/concept_auroc.png" in artifacts("eval/paper/SkinCon")

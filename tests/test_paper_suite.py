@@ -155,8 +155,57 @@ def test_a_missing_set_is_reported_and_the_table_keeps_its_place(suite):
     assert table1[2].split()[:3] == ["MAKE", "(paper)", "0.5953"]
     ours = table1[3].split()
     assert ours[0] == "make-tiny" and ours[3] == "-"  # SD-128's column, empty
-    assert float(ours[5]) == pytest.approx(paper.averages(list(suite.values()))["classify_avg_top1"], abs=1e-4)
+    # An average over 3 of the paper's 4 sets is marked, and the mark said
+    assert ours[5].endswith("+")
+    assert float(ours[5][:-1]) == pytest.approx(paper.averages(list(suite.values()))["classify_avg_top1"], abs=1e-4)
+    assert ("+ classify_avg_top1: the average of 3 of the paper's 4 sets (without SD-128): not comparable with "
+            "the paper's average") in text
     assert "SD-128          missing" in text and "SNU-134         6/8 scored, 2 skipped" in text
+    report = paper.to_json(list(suite.values()))
+    assert report["averaged_over"]["classify_avg_top1"] == {
+        "sets": ["PAD-UFES-20", "Fitzpatrick17k", "SNU-134"], "count": 3, "of": 4}
+    assert report["averaged_over"]["concepts_avg_auroc"]["count"] == 2
+
+
+def test_concept_columns_scored_with_make_dists_terms_are_marked(suite):
+    """By default (no terms named, no authors' checkout around DIR) the
+    concept sets use make-dist's terms: the JSON says so per set, the concept
+    cells carry a mark and the table says how to get the authors' terms."""
+    results = list(suite.values())
+    assert {r.concept_terms for r in results if r.benchmark.task == "concepts"} == {"make-dist"}
+    assert paper.to_json(results)["datasets"]["SkinCon"]["concept_terms"] == "make-dist"
+    assert "concept_terms" not in paper.to_json(results)["datasets"]["PAD-UFES-20"]
+    text = paper.tables(results, "make-tiny")
+    ours = text.splitlines()[3].split()
+    assert ours[6].endswith("*") and ours[7].endswith("*") and ours[8].endswith("*")  # SkinCon, Derm7pt, Avg
+    assert not any(cell.endswith("*") for cell in ours[1:6])
+    assert "* make-dist's concept terms, not the authors': not comparable with the paper's row" in text
+    assert "git clone https://github.com/SiyuanYan1/MAKE) and pass --concept-terms MAKE" in text
+
+
+def _authors_terms() -> dict:
+    return {c.lower(): [c.lower(), f"{c.lower()} lesion"] for c in
+            ["Vesicle", "Papule", "Brown(Hyperpigmentation)", "Erythema", *DERM7PT_CONCEPTS]}
+
+
+def test_the_authors_terms_from_their_checkout(model, tok, data, tmp_path):
+    """The authors' terms are read from a checkout of their repository: named
+    (--concept-terms MAKE), or found when DIR is the checkout's data/ folder;
+    the concept columns then carry no mark and the JSON names the file."""
+    checkout = tmp_path / "MAKE"
+    shutil.copytree(data, checkout / "data")
+    (checkout / paper.AUTHORS_TERMS).parent.mkdir(parents=True)
+    (checkout / paper.AUTHORS_TERMS).write_text(json.dumps(_authors_terms()))
+    said = []
+    found = {r.benchmark.name: r for r in paper.run_suite(model, tok, str(checkout / "data"), say=said.append)}
+    assert found["SkinCon"].concept_terms == str(checkout / paper.AUTHORS_TERMS)
+    assert f"concept terms: {checkout / paper.AUTHORS_TERMS}" in said
+    assert "*" not in paper.tables(list(found.values()), "m")
+    named = paper.concept_terms(str(data), str(checkout))
+    assert named.source == str(checkout / paper.AUTHORS_TERMS) and named.authors
+    assert named.terms["erythema"] == ["erythema", "erythema lesion"]
+    with pytest.raises(paper.UserError, match="is a folder without concept_annotation/term_lists/ConceptTerms.json"):
+        paper.concept_terms(str(data), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------
@@ -193,8 +242,7 @@ def test_meta_columns_that_do_not_line_up_with_the_concept_list(model, tok, data
     (bad / "skincon/meta.csv").write_text("\n".join(meta) + "\n")
     with pytest.raises(paper.UserError, match=r"skincon/meta.csv: 5 concept columns after ImageID, but .*"
                                               r"concept_list.txt lists 4 concepts"):
-        paper.score_concepts(model, tok, str(bad), paper.BENCHMARKS[4],
-                             paper.load_concept_terms(paper.default_concept_terms()), "terms.json")
+        paper.score_concepts(model, tok, str(bad), paper.BENCHMARKS[4], paper.concept_terms(str(bad)))
     with pytest.raises(paper.UserError, match="none of the paper's sets is there"):
         paper.run_suite(model, tok, str(tmp_path))
     pad = (bad / "PAD/MAKE_PAD.csv").read_text().splitlines()
@@ -211,9 +259,7 @@ def test_meta_columns_that_do_not_line_up_with_the_concept_list(model, tok, data
 
 def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path):
     export_open_clip(model, tmp_path / "model")
-    terms = {c.lower(): [c.lower(), f"{c.lower()} lesion"] for c in
-             ["Vesicle", "Papule", "Brown(Hyperpigmentation)", "Erythema", *DERM7PT_CONCEPTS]}
-    (tmp_path / "ConceptTerms.json").write_text(json.dumps(terms))
+    (tmp_path / "ConceptTerms.json").write_text(json.dumps(_authors_terms()))
     out = subprocess.run(
         [str(EXE), "eval", "--suite", "paper", "--data", str(data), "--model", str(tmp_path / "model"),
          "--concept-terms", str(tmp_path / "ConceptTerms.json"), "--out", str(tmp_path / "r.json"),
@@ -250,6 +296,62 @@ def test_training_that_names_an_empty_or_missing_suite_folder_fails_before_ray(t
         check(config(tmp_path))
     with pytest.raises(paper.UserError, match="evaluation.suite_data: .*/nowhere: no such folder"):
         check(config(tmp_path / "nowhere"))
+
+
+def test_training_resolves_the_suites_terms_and_the_models_activation_before_ray(tiny_shards, data, model,
+                                                                                  tmp_path, capsys):
+    """A training run's suite follows the eval command's rules, checked by the
+    driver: the authors' terms beside their data/ are named for every worker;
+    make-dist's own said to be incomparable; a QuickGELU checkpoint into a
+    GELU model refused before any worker starts."""
+    from make_dist.config import load_config
+    from make_dist.model import ModelLoadError
+    from make_dist.train.launch import check
+
+    def config(folder, *more):
+        return load_config(None, [f"data.train_shards={tiny_shards}", f"train.storage={tmp_path}/runs",
+                                  f"tracking.uri=sqlite:///{tmp_path}/m.db", "evaluation.suite=paper",
+                                  f"evaluation.suite_data={folder}", *more])
+
+    assert check(config(data)).evaluation.concept_terms is None
+    assert "SkinCon and Derm7pt are scored with make-dist's concept terms, not comparable" in capsys.readouterr().out
+    checkout = tmp_path / "MAKE"
+    shutil.copytree(data, checkout / "data")
+    (checkout / paper.AUTHORS_TERMS).parent.mkdir(parents=True)
+    (checkout / paper.AUTHORS_TERMS).write_text(json.dumps(_authors_terms()))
+    assert check(config(checkout / "data")).evaluation.concept_terms == str(checkout / paper.AUTHORS_TERMS)
+    assert check(config(data, f"evaluation.concept_terms={checkout}")).evaluation.concept_terms == \
+        str(checkout / paper.AUTHORS_TERMS)
+    with pytest.raises(paper.UserError, match="evaluation.concept_terms: .* is a folder without"):
+        check(config(data, f"evaluation.concept_terms={tmp_path}"))
+    from test_model import _authors_checkpoint
+
+    ckpt = _authors_checkpoint(model, tmp_path / "epoch_15.pt")
+    with pytest.raises(ModelLoadError, match="make-tiny builds GELU"):
+        check(config(data, "model.name=make-tiny", f"model.pretrained={ckpt}"))
+
+
+def test_the_command_defaults_to_the_papers_architecture(model, data, tmp_path):
+    """`--suite paper --weights W` loads W into ViT-B-16-quickgelu; the
+    authors' checkpoint named with --model ViT-B-16 is refused, the message
+    naming the QuickGELU twin; no model at all is asked for."""
+    from test_model import _authors_checkpoint
+
+    ckpt = _authors_checkpoint(model, tmp_path / "epoch_15.pt")
+
+    def run(*args):
+        return subprocess.run([str(EXE), "eval", "--suite", "paper", "--data", str(data), "--no-mlflow", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    out = run("--model", "ViT-B-16", "--weights", str(ckpt))
+    assert out.returncode == 2 and "Use --model ViT-B-16-quickgelu" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    out = run()
+    assert out.returncode == 2 and "give --weights FILE (e.g. the authors' epoch_15.pt, loaded into " \
+        "ViT-B-16-quickgelu)" in out.stderr
+    out = run("--weights", str(ckpt))  # into ViT-B-16-quickgelu: the tiny weights do not fit, and it says so
+    assert out.returncode == 2 and f"{ckpt}: cannot be loaded into ViT-B-16-quickgelu (" in out.stderr
+    assert "name the architecture these weights were trained as" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_models_as_the_authors_release_them(model, tmp_path, monkeypatch):
@@ -311,3 +413,40 @@ def test_a_tables_paths_that_leave_the_data_are_not_read(tmp_path):
         found, tried = finder.find(outside)
         assert found is None and tried == [f"{data}/PAD/images/secret.png"], (outside, tried)
     assert finder.find(str(tmp_path / "elsewhere/kept.png"))[0] == str(data / "PAD/images/kept.png")  # by name
+
+
+def test_the_suite_preprocesses_as_the_authors_do():
+    """open_clip's evaluation transform, which the authors' scripts use,
+    resizes and crops before converting to RGB. For palette and
+    semi-transparent PNGs that order gives other pixels than RGB-first (0.34
+    at most after normalisation on the RGBA image here): the suite follows
+    the authors and matches their normalised pixels exactly."""
+    import io
+
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from make_dist.evaluate.tasks import eval_transform
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 150)
+    rgb = np.stack([np.add.outer(ramp, ramp[:130]) / 2, np.add.outer(255 - ramp, ramp[:130]) / 2,
+                    np.broadcast_to(ramp[:, None], (150, 130))], -1)
+    rgb = (rgb + rng.normal(0, 20, rgb.shape)).clip(0, 255).astype(np.uint8)
+    alpha = np.where(np.arange(130) < 65, 255, rng.integers(0, 256, (150, 130))).astype(np.uint8)
+    images = {"P": Image.fromarray(rgb).quantize(256), "RGBA": Image.fromarray(np.dstack([rgb, alpha]), "RGBA"),
+              "LA": Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA"), "RGB": Image.fromarray(rgb)}
+    authors = open_clip.image_transform(64, is_train=False)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for mode, image in images.items():
+        data = io.BytesIO()
+        image.save(data, "PNG")
+        image = Image.open(io.BytesIO(data.getvalue()))
+        assert image.mode == mode
+        theirs = authors(image)
+        ours = (paper.authors_transform(64)(image).float() / 255 - mean) / std  # as MakeModel.normalize does
+        assert torch.equal(ours, theirs), mode
+        if mode == "RGBA":  # what the other order would have given
+            assert ((eval_transform(64)(image).float() / 255 - mean) / std - theirs).abs().max() > 0.3

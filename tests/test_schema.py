@@ -107,7 +107,8 @@ def test_bad_rows_raise_with_reason(row, reason):
 def test_shipped_mappings(repo_root):
     example = load_column_map(repo_root / "configs/columns/make_example.yaml")
     row = {"filename": "x.jpg", "truncated_caption": "Red. Scaly.", "ontology_caption": "This is a skin photo diagnosed as x.",
-           "visual_concept_caption": "This skin photo shows y.", **{f"subcaption_{i}": "" for i in range(1, 9)}}
+           "visual_concept_caption": "This skin photo shows y.", **{f"subcaption_{i}": "" for i in range(1, 9)},
+           "sub_caption_mask": "[1, 1, 1, 0, 0, 0, 0, 0]", "knowledge_masks": "[1, 1, 1]"}
     row["subcaption_1"], row["subcaption_3"] = "first", "third"
     s = example.sample(row)
     assert s.disease_text == row["ontology_caption"] and s.concept_text == row["visual_concept_caption"]
@@ -117,6 +118,34 @@ def test_shipped_mappings(repo_root):
                      "skin_concept": "papule, pustule", "disease_label": "acne", "body_location": "face", "source": "pubmed"})
     assert s.disease_text is None and s.concept_text == "This skin photo shows papule, pustule."
     assert load_column_map(repo_root / "configs/columns/synthetic.yaml").disease == "disease"
+
+
+def test_the_authors_masks_switch_slots_off(repo_root):
+    """MAKE-format rows: a slot whose mask entry is 0 is missing, whatever its
+    cell holds; knowledge_masks reads [caption, disease, concept] (the order
+    of the authors' training code); a bad or caption-less mask is the row's
+    error, naming the column."""
+    example = load_column_map(repo_root / "configs/columns/make_example.yaml")
+    row = {"filename": "x.jpg", "truncated_caption": "Red plaque. Scaly.",
+           "ontology_caption": "This is a skin photo diagnosed as x.",
+           "visual_concept_caption": "This skin photo shows y.",
+           **{f"subcaption_{i}": f"sentence {i}" for i in range(1, 9)},
+           "sub_caption_mask": "[1, 0, 1, 0, 0, 0, 0, 0]", "knowledge_masks": "[1, 0, 1]"}
+    s = example.sample(row)
+    assert s.subtexts == ["sentence 1", "sentence 3"]
+    assert s.disease_text is None and s.concept_text == row["visual_concept_caption"]
+    assert s.texts(8)[:3] == [row["truncated_caption"], None, row["visual_concept_caption"]]
+    s = example.sample(dict(row, knowledge_masks="[1, 1, 0]", sub_caption_mask=[0, 0, 0, 0, 0, 0, 0, 1]))
+    assert (s.disease_text, s.concept_text, s.subtexts) == (row["ontology_caption"], None, ["sentence 8"])
+    s = example.sample(dict(row, sub_caption_mask="[0, 0, 0, 0, 0, 0, 0, 0]"))  # none left: the caption's sentences
+    assert s.subtexts == ["Red plaque", "Scaly"]
+    with pytest.raises(RowError, match=r"its caption is switched off \(column 'knowledge_masks' = \[0, 1, 1\]\)"):
+        example.sample(dict(row, knowledge_masks="[0, 1, 1]"))
+    for bad in ("[1, 1]", "[1, 2, 1]", "yes", None):
+        with pytest.raises(RowError, match="knowledge mask \\(column 'knowledge_masks'\\) is .*expected a list of 3"):
+            example.sample(dict(row, knowledge_masks=bad))
+    with pytest.raises(RowError, match="subtext mask .*'sub_caption_mask'.* expected a list of 8 zeros and ones"):
+        example.sample(dict(row, sub_caption_mask="[1, 1, 1]"))
 
 
 def test_bad_mapping_names_file(tmp_path):

@@ -117,7 +117,8 @@ def test_make_example_layout(tmp_path, repo_root, tok):
     row = {"filename": "e1.jpg", "truncated_caption": "Scaly plaques. On the knee.",
            "ontology_caption": "This is a skin photo diagnosed as inflammatory, psoriasis.",
            "visual_concept_caption": "This skin photo shows plaque, scale.",
-           **{f"subcaption_{i}": "" for i in range(1, 9)}}
+           **{f"subcaption_{i}": "" for i in range(1, 9)},
+           "sub_caption_mask": "[1, 1, 0, 0, 0, 0, 0, 0]", "knowledge_masks": "[1, 1, 1]"}
     row["subcaption_1"], row["subcaption_2"] = "Scaly plaques", "On the knee"
     pd.DataFrame([row]).to_parquet(tmp_path / "example.parquet")
     columns = load_column_map(repo_root / "configs/columns/make_example.yaml")
@@ -128,6 +129,51 @@ def test_make_example_layout(tmp_path, repo_root, tok):
         record = json.loads(tar.extractfile("000000000.json").read())
     assert Sample.from_json(record).texts(2) == [
         row["truncated_caption"], row["ontology_caption"], row["visual_concept_caption"], "Scaly plaques", "On the knee"]
+
+
+def test_the_authors_csv_with_masks_switching_slots_off(tmp_path, repo_root):
+    """The authors' MAKE-format CSV as they write it (every column of their
+    example, masks as "[1, 0, ...]" text): a slot its mask switches off is
+    missing in the shard even where its cell holds text; a row whose mask
+    switches its caption off is skipped with the reason."""
+    import csv
+
+    img = tmp_path / "img"
+    header = ("filename,caption,truncated_caption,source,source_type,standardized_disease,ontology_final,"
+              "skin_concept_standarized,augmented_caption,body_location,symptoms,age,gender,visual_concept_caption,"
+              "ontology_caption,sub_captions,subcaption_1,subcaption_2,subcaption_3,subcaption_4,subcaption_5,"
+              "subcaption_6,subcaption_7,subcaption_8,sub_caption_mask,knowledge_masks").split(",")
+
+    def row(name, sub_mask, knowledge_mask):
+        save_image(img / name)
+        cells = dict.fromkeys(header, "")
+        cells.update(filename=name, caption="Itchy papules. On the arm.",
+                     truncated_caption="Itchy papules. On the arm.",
+                     ontology_caption="This is a skin photo diagnosed as inflammatory, eczema.",
+                     visual_concept_caption="This skin photo shows papule.", sub_captions="2",
+                     subcaption_1="Itchy papules", subcaption_2="On the arm", subcaption_3="left over text",
+                     sub_caption_mask=sub_mask, knowledge_masks=knowledge_mask)
+        return [cells[h] for h in header]
+
+    with open(tmp_path / "MAKE_training.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerow(row("a.jpg", "[1, 1, 0, 0, 0, 0, 0, 0]", "[1, 1, 1]"))
+        writer.writerow(row("b.jpg", "[0, 1, 0, 0, 0, 0, 0, 0]", "[1, 0, 0]"))
+        writer.writerow(row("c.jpg", "[1, 1, 0, 0, 0, 0, 0, 0]", "[0, 1, 1]"))
+    manifest = write_shards(str(tmp_path / "MAKE_training.csv"), str(tmp_path / "out"),
+                            load_column_map(repo_root / "configs/columns/make_example.yaml"),
+                            images_root=str(img), workers=1, progress=False)
+    assert manifest["samples"] == 2
+    (skipped,) = manifest["skipped"]
+    assert skipped["row"] == 2 and "its caption is switched off (column 'knowledge_masks' = [0, 1, 1])" \
+        in skipped["reason"]
+    with tarfile.open(tmp_path / "out/shard-000000.tar") as tar:
+        a, b = (Sample.from_json(json.loads(tar.extractfile(f"00000000{i}.json").read())) for i in (0, 1))
+    assert a.texts(8)[1:5] == ["This is a skin photo diagnosed as inflammatory, eczema.",
+                               "This skin photo shows papule.", "Itchy papules", "On the arm"]
+    assert a.texts(8)[5] is None  # "left over text": its mask is 0
+    assert b.texts(8)[1:4] == [None, None, "On the arm"] and b.texts(8)[4] is None
 
 
 def test_parquet_typed_fields(tmp_path):

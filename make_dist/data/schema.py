@@ -107,6 +107,11 @@ class ColumnMap:
     `subtexts` is either one column holding a JSON list or a list of columns
     (one sentence each, as in the MAKE example file). A cell whose text is in
     `missing` (compared case-insensitively) counts as empty.
+
+    The authors' MAKE-format CSV switches slots off with two 0/1 list columns:
+    `knowledge_mask` ([caption, disease text, concept text], in the order
+    their training code reads it) and `subtext_mask` (one entry per subtext).
+    A slot whose entry is 0 is a missing slot, whatever its cell holds.
     """
 
     image: str = "image"
@@ -116,6 +121,8 @@ class ColumnMap:
     disease: str | None = None  # ontology path, templated into the disease text
     concepts: str | None = None  # comma-separated list, templated into the concept text
     subtexts: str | list[str] | None = None
+    knowledge_mask: str | None = None  # a list [caption, disease, concept] of 0/1: 0 switches the slot off
+    subtext_mask: str | None = None  # a list of 0/1, one per subtext: 0 switches the subtext off
     label: str | None = None
     extra: list[str] = field(default_factory=list)  # copied into the sample's json
     missing: list[str] = field(default_factory=lambda: ["", "nan", "none", "null"])
@@ -123,7 +130,7 @@ class ColumnMap:
     def used(self) -> list[str]:
         """Every column the mapping reads."""
         names = [self.image, self.caption, self.disease_text, self.concept_text, self.disease,
-                 self.concepts, self.label, *self.extra]
+                 self.concepts, self.knowledge_mask, self.subtext_mask, self.label, *self.extra]
         names += self.subtexts if isinstance(self.subtexts, list) else [self.subtexts]
         return [n for n in names if n]
 
@@ -132,6 +139,10 @@ class ColumnMap:
         caption = self._text(row, self.caption, "caption")
         if caption is None:
             raise RowError(f"empty caption (column {self.caption!r})")
+        knowledge = self._mask(row, self.knowledge_mask, "knowledge mask", 3) or [1, 1, 1]
+        if not knowledge[0]:
+            raise RowError(f"its caption is switched off (column {self.knowledge_mask!r} = {knowledge}): "
+                           f"a sample needs its caption")
         disease = self._text(row, self.disease_text, "disease text")
         if disease is None and self.disease:
             path = self._text(row, self.disease, "disease")
@@ -143,22 +154,45 @@ class ColumnMap:
             concepts = concept_text(items) if items else None
         return Sample(
             caption=caption,
-            disease_text=disease,
-            concept_text=concepts,
+            disease_text=disease if knowledge[1] else None,
+            concept_text=concepts if knowledge[2] else None,
             subtexts=self._subtexts(row, caption, k),
             label=self._text(row, self.label, "label"),
             extra={name: _plain(row.get(name)) for name in self.extra},
         )
 
     def _subtexts(self, row, caption: str, k: int) -> list[str]:
+        """The row's subtexts, those its mask switches off left out; none left:
+        the caption's sentences (every sample has at least one subtext)."""
         if isinstance(self.subtexts, list):
             found = [self._text(row, name, "subtext") for name in self.subtexts]
-            subtexts = [s for s in found if s]
         elif self.subtexts:
-            subtexts = self._list(row, self.subtexts)
+            found = self._list(row, self.subtexts)
         else:
-            subtexts = []
+            found = []
+        if found and self.subtext_mask:
+            mask = self._mask(row, self.subtext_mask, "subtext mask", len(found))
+            found = [text for text, on in zip(found, mask) if on]
+        subtexts = [s for s in found if s]
         return subtexts[:k] if subtexts else split_sentences(caption, k)
+
+    def _mask(self, row: dict[str, Any], column: str | None, what: str, length: int) -> list[int] | None:
+        """A 0/1 list cell: a JSON list in a CSV cell (the authors write
+        "[1, 1, 0]") or a native list (Parquet); None when unmapped."""
+        if not column:
+            return None
+        value = row.get(column)
+        if hasattr(value, "tolist") and not isinstance(value, str):
+            value = value.tolist()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, list) or len(value) != length or not all(v in (0, 1) for v in value):
+            raise RowError(f"{what} (column {column!r}) is {str(row.get(column))[:80]!r}: expected a list of "
+                           f"{length} zeros and ones")
+        return [int(v) for v in value]
 
     def _text(self, row: dict[str, Any], column: str | None, what: str) -> str | None:
         """The stripped text of a cell; None when the column is unmapped or the cell empty."""

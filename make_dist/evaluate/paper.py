@@ -1,6 +1,6 @@
 """The paper's benchmark suite: MAKE's Table 1 and Table 2 on the authors' data folder.
 
-    make-dist eval --suite paper --data DIR --model M [--weights W] [--concept-terms FILE] [--out R.json]
+    make-dist eval --suite paper --data DIR [--model M] [--weights W] [--concept-terms FILE|CHECKOUT] [--out R.json]
 
 DIR is the authors' data/ folder. Each set is read where it lies, in the
 authors' layout (docs/evaluation.md), and scored with the paper's protocol:
@@ -16,6 +16,10 @@ each classification set's first 2,048 rows). A set that is absent is
 reported as missing; a set whose files break the protocol (a label outside
 its class list, a concept without terms, meta.csv columns that do not line
 up) stops with an error naming the file, row and value; the others still run.
+
+Whatever is not the paper's protocol to the letter is said beside the number:
+concept columns scored with make-dist's own terms, and an average over fewer
+sets than the paper's (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -30,14 +34,24 @@ from importlib import resources
 import fsspec
 import torch
 import torch.nn.functional as F
+from torchvision import transforms as T
 
 from ..data.shards import table_rows
 from ..errors import UserError
 from ..files import within
 from . import metrics
 from .report import COUNTS, count_tags, plots
-from .tasks import (RECALL_KS, TaskResult, classification_result, concepts_result, encode_images, encode_texts,
-                    metric_name, retrieval_result)
+from .tasks import (
+    RECALL_KS,
+    TaskResult,
+    classification_result,
+    concepts_result,
+    encode_images,
+    encode_texts,
+    metric_name,
+    retrieval_result,
+    to_rgb,
+)
 
 SUITES = ("paper",)
 
@@ -88,6 +102,18 @@ BENCHMARKS = (
     Benchmark("SkinCAP", "skin_cap", "skin_cap_meta.csv", "retrieval"),
 )
 
+# The tables' Average columns: each over the paper's sets of its task.
+AVERAGES = {
+    "classify_avg_top1": tuple(b.name for b in BENCHMARKS if b.task == "classify"),
+    "concepts_avg_auroc": tuple(b.name for b in BENCHMARKS if b.task == "concepts"),
+    "retrieval_avg_recall": ("SkinCAP",),
+}
+
+# Where the authors' repository (SiyuanYan1/MAKE) keeps its concept terms. It
+# carries no licence, so the file cannot ship here: it is read from a checkout.
+AUTHORS_TERMS = "concept_annotation/term_lists/ConceptTerms.json"
+MAKE_DIST_TERMS = "make-dist"  # the `concept_terms` entry of results scored with make-dist's own terms
+
 # The paper's MAKE row (MICCAI 2025, Tables 1 and 2), printed beside ours.
 PAPER_MAKE = {
     "PAD-UFES-20": {"top1": 0.5953}, "Fitzpatrick17k": {"top1": 0.3242}, "SD-128": {"top1": 0.3914},
@@ -105,10 +131,13 @@ class SetResult:
     status: str  # scored | missing | error
     message: str = ""
     result: TaskResult | None = None
+    concept_terms: str | None = None  # a concept set's terms: the file read, or MAKE_DIST_TERMS
 
     def to_json(self) -> dict:
         out = {"task": self.benchmark.task, "status": self.status, "message": self.message,
                "rows": 0, "scored": 0, "skipped": [], "metrics": {}}
+        if self.benchmark.task == "concepts":
+            out["concept_terms"] = self.concept_terms
         if self.result is not None:
             r = self.result
             out.update(rows=r.rows, scored=r.scored, skipped=r.skipped, metrics=r.metrics)
@@ -151,6 +180,57 @@ def class_names(benchmark: Benchmark) -> list[str]:
 def default_concept_terms() -> str:
     """make-dist's own synonym terms for the SkinCon and Derm7pt concepts."""
     return str(resources.files(__package__).joinpath("paper_data", "concept_terms.json"))
+
+
+@dataclass(frozen=True)
+class ConceptTerms:
+    """The terms the concept sets are scored with, and where they came from."""
+
+    terms: dict[str, list[str]]
+    source: str  # the file read, or MAKE_DIST_TERMS
+
+    @property
+    def authors(self) -> bool:
+        """False for make-dist's own terms: concept AUROCs not comparable with the paper's."""
+        return self.source != MAKE_DIST_TERMS
+
+
+def find_concept_terms(data_dir: str, given: str | None = None) -> str | None:
+    """The terms file to read: `given` (a JSON file, or a checkout of the
+    authors' repository, where AUTHORS_TERMS is looked up); without it, the
+    authors' file when DIR sits in their checkout (their data/ folder, the
+    layout their commands run in); None: make-dist's own terms."""
+    if given:
+        fs, path = fsspec.core.url_to_fs(given)
+        if fs.isdir(path):
+            inside = f"{given.rstrip('/')}/{AUTHORS_TERMS}"
+            if not fsspec.core.url_to_fs(inside)[0].isfile(fsspec.core.url_to_fs(inside)[1]):
+                raise UserError(f"concept terms: {given} is a folder without {AUTHORS_TERMS}: name the authors' "
+                                f"checkout (git clone https://github.com/SiyuanYan1/MAKE) or a terms JSON file")
+            return inside
+        if not fs.isfile(path):
+            raise UserError(f"concept terms: {given} not found")
+        return given
+    fs, root = fsspec.core.url_to_fs(data_dir)
+    above = root.rstrip("/").rpartition("/")[0]
+    if above and fs.isfile(f"{above}/{AUTHORS_TERMS}"):
+        protocol = data_dir.split("://")[0] + "://" if "://" in data_dir else ""
+        return f"{protocol}{above}/{AUTHORS_TERMS}"
+    return None
+
+
+def concept_terms(data_dir: str, given: str | None = None) -> ConceptTerms:
+    """The suite's concept terms, read and checked (see `find_concept_terms`)."""
+    path = find_concept_terms(data_dir, given)
+    if path is None:
+        return ConceptTerms(load_concept_terms(default_concept_terms()), MAKE_DIST_TERMS)
+    return ConceptTerms(load_concept_terms(path), path)
+
+
+def how_to_get_authors_terms(option: str = "--concept-terms") -> str:
+    return (f"for the authors' terms, clone their repository (git clone https://github.com/SiyuanYan1/MAKE) "
+            f"and pass {option} MAKE (the checkout; {AUTHORS_TERMS} is read from it), or put the suite's data/ "
+            f"folder inside that checkout")
 
 
 def load_concept_terms(path: str) -> dict[str, list[str]]:
@@ -225,6 +305,15 @@ class ImageFinder:
         return None
 
 
+def authors_transform(size: int):
+    """The authors' evaluation transform (open_clip's): resize the shorter side
+    (bicubic), centre crop, then convert to RGB. The order matters for palette
+    and semi-transparent PNGs, which make-dist's own order (RGB first) reads
+    differently; the model scales and normalises the uint8 result."""
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_rgb,
+                      T.PILToTensor()])
+
+
 def _cell_text(value) -> str:
     return "" if value is None else str(value).strip()
 
@@ -244,7 +333,8 @@ def _encode_found(model, finder: ImageFinder, filenames: list[str], batch_size: 
         raise UserError(f"{label}: none of its {len(filenames)} images was found "
                         f"(first: {missing[0]['image']!r}: {missing[0]['reason']})")
     images, found, unreadable = encode_images(model, [u for _, u in located], None, batch_size, progress=label,
-                                               anywhere=True)  # located by ImageFinder, inside the data
+                                               anywhere=True,  # located by ImageFinder, inside the data
+                                               transform=authors_transform(model.image_size))
     rows = torch.tensor([located[i][0] for i in found.tolist()])
     for s in unreadable:
         s["row"] = located[s["row"]][0]
@@ -284,10 +374,11 @@ def score_classification(model, tokenizer, data_dir: str, benchmark: Benchmark, 
     return result
 
 
-def score_concepts(model, tokenizer, data_dir: str, benchmark: Benchmark, terms: dict[str, list[str]],
-                   terms_path: str, batch_size: int = 64) -> TaskResult:
+def score_concepts(model, tokenizer, data_dir: str, benchmark: Benchmark, concept_terms: ConceptTerms,
+                   batch_size: int = 64) -> TaskResult:
     folder = f"{data_dir.rstrip('/')}/{benchmark.folder}"
-    concepts = _concept_list(f"{folder}/concept_list.txt", terms, terms_path)
+    terms = concept_terms.terms
+    concepts = _concept_list(f"{folder}/concept_list.txt", concept_terms)
     table = f"{folder}/{benchmark.table}"
     rows = table_rows(table, ["ImageID"])
     header = list(rows[0])
@@ -346,11 +437,17 @@ def check_data(data_dir: str) -> dict[str, bool]:
     return found
 
 
-def run_suite(model, tokenizer, data_dir: str, concept_terms: str | None = None, batch_size: int = 64,
+def run_suite(model, tokenizer, data_dir: str, terms: str | None = None, batch_size: int = 64,
               say=print) -> list[SetResult]:
-    """Every benchmark of the paper found in DIR, scored; one SetResult per benchmark."""
+    """Every benchmark of the paper found in DIR, scored; one SetResult per benchmark.
+    terms: the concept terms file or the authors' checkout (`find_concept_terms`)."""
     found = check_data(data_dir)
-    terms_path = concept_terms or default_concept_terms()
+    chosen = None
+    if any(found[b.name] for b in BENCHMARKS if b.task == "concepts"):
+        chosen = concept_terms(data_dir, terms)
+        say(f"concept terms: {chosen.source}" if chosen.authors else
+            f"concept terms: make-dist's own, not the authors': SkinCon and Derm7pt are not comparable with "
+            f"the paper's row ({how_to_get_authors_terms()})")
     model.eval()
     results = []
     for b in BENCHMARKS:
@@ -363,34 +460,65 @@ def run_suite(model, tokenizer, data_dir: str, concept_terms: str | None = None,
             if b.task == "classify":
                 result = score_classification(model, tokenizer, data_dir, b, batch_size)
             elif b.task == "concepts":
-                result = score_concepts(model, tokenizer, data_dir, b, load_concept_terms(terms_path), terms_path,
-                                        batch_size)
+                result = score_concepts(model, tokenizer, data_dir, b, chosen, batch_size)
             else:
                 result = score_retrieval(model, tokenizer, data_dir, b, batch_size)
         except UserError as e:
-            results.append(SetResult(b, "error", str(e)))
+            results.append(SetResult(b, "error", str(e), concept_terms=_source(b, chosen)))
             say(f"{b.name}: stopped: {e}")
             continue
-        results.append(SetResult(b, "scored", result=result))
+        results.append(SetResult(b, "scored", result=result, concept_terms=_source(b, chosen)))
         if result.skipped:
             say(f"{b.name}: {len(result.skipped)} of {result.rows} rows skipped "
                 f"(first: row {result.skipped[0]['row']}: {result.skipped[0]['reason']})")
     return results
 
 
-def averages(results: list[SetResult]) -> dict[str, float]:
-    """The tables' Average columns, over the sets scored: classification top-1,
-    concept AUROC, and SkinCAP's six recalls."""
-    scored = {r.benchmark.name: r.result.metrics for r in results if r.status == "scored"}
+def _source(benchmark: Benchmark, chosen: ConceptTerms | None) -> str | None:
+    return chosen.source if benchmark.task == "concepts" and chosen is not None else None
+
+
+# The metric each Average column takes from a set of its task.
+_AVERAGED = {"classify_avg_top1": "top1", "concepts_avg_auroc": "mean_auroc", "retrieval_avg_recall": "mean_recall"}
+
+
+def _number(value) -> bool:
+    return value is not None and value == value  # not missing, not NaN
+
+
+def averaged_over(results: list[SetResult]) -> dict[str, list[str]]:
+    """{average: the sets it is taken over}: those scored with a value (a
+    concept set whose columns all hold one class has no AUROC)."""
+    values = {r.benchmark.name: r.result.metrics for r in results if r.status == "scored"}
     out = {}
-    top1 = [m["top1"] for m in scored.values() if "top1" in m]
-    auroc = [m["mean_auroc"] for m in scored.values() if "mean_auroc" in m and m["mean_auroc"] == m["mean_auroc"]]
-    if top1:
-        out["classify_avg_top1"] = sum(top1) / len(top1)
-    if auroc:
-        out["concepts_avg_auroc"] = sum(auroc) / len(auroc)
-    if "SkinCAP" in scored:
-        out["retrieval_avg_recall"] = scored["SkinCAP"]["mean_recall"]
+    for key, names in AVERAGES.items():
+        metric = _AVERAGED[key]
+        sets = [n for n in names if n in values and _number(values[n].get(metric))]
+        if sets:
+            out[key] = sets
+    return out
+
+
+def averages(results: list[SetResult]) -> dict[str, float]:
+    """The tables' Average columns, over the sets scored (`averaged_over`):
+    classification top-1, concept AUROC, and SkinCAP's six recalls."""
+    values = {r.benchmark.name: r.result.metrics for r in results if r.status == "scored"}
+    return {key: sum(values[n][_AVERAGED[key]] for n in sets) / len(sets)
+            for key, sets in averaged_over(results).items()}
+
+
+def partial_averages(results: list[SetResult]) -> dict[str, str]:
+    """{average: "3/4"} for each average taken over fewer sets than the paper's."""
+    return {key: f"{len(sets)}/{len(AVERAGES[key])}" for key, sets in averaged_over(results).items()
+            if len(sets) < len(AVERAGES[key])}
+
+
+def caveats(results: list[SetResult]) -> list[str]:
+    """What keeps these numbers from the paper's protocol to the letter, in a
+    few words each (for a one-line summary; `tables` says it in full)."""
+    out = [f"{key} over {count} sets" for key, count in partial_averages(results).items()]
+    if any(r.concept_terms == MAKE_DIST_TERMS for r in results if r.status == "scored"):
+        out.append("concept sets with make-dist's terms")
     return out
 
 
@@ -399,38 +527,64 @@ def averages(results: list[SetResult]) -> dict[str, float]:
 
 
 def tables(results: list[SetResult], label: str) -> str:
-    """Table 1 and Table 2 as the paper prints them, the paper's MAKE row above ours."""
+    """Table 1 and Table 2 as the paper prints them, the paper's MAKE row above
+    ours. A value that is not the paper's protocol to the letter is marked and
+    the mark explained below: * concept columns scored with make-dist's own
+    terms, + an average over fewer sets than the paper's."""
     by_name = {r.benchmark.name: r for r in results}
+    own_terms = any(r.concept_terms == MAKE_DIST_TERMS for r in results if r.status == "scored")
+    partial = partial_averages(results)
+    ours_avg = averages(results)
+    paper_avg = {key: sum(PAPER_MAKE[n][_AVERAGED[key]] for n in AVERAGES[key]) / len(AVERAGES[key])
+                 for key in ("classify_avg_top1", "concepts_avg_auroc")}
 
     def ours(name: str, key: str):
         r = by_name.get(name)
         return r.result.metrics.get(key) if r is not None and r.status == "scored" else None
 
-    def cells(values: list) -> str:
-        return " ".join(f"{v:>9.4f}" if v is not None and v == v else f"{'-':>9}" for v in values)
+    def cell(value, mark: str = "") -> str:
+        return f"{value:>9.4f}{mark or ' '}" if _number(value) else f"{'-':>9} "
 
-    def mean(values: list) -> float | None:
-        values = [v for v in values if v is not None and v == v]
-        return sum(values) / len(values) if values else None
-
-    classify = [b.name for b in BENCHMARKS if b.task == "classify"]
-    concepts = [b.name for b in BENCHMARKS if b.task == "concepts"]
+    classify = AVERAGES["classify_avg_top1"]
+    concepts = AVERAGES["concepts_avg_auroc"]
     width = max(14, len(label))
-    head1 = " ".join(f"{n:>9}" for n in ["PAD", "F17K", "SD-128", "SNU-134", "Avg", "SkinCon", "Derm7pt", "Avg"])
+    head1 = " ".join(f"{n:>9} " for n in ["PAD", "F17K", "SD-128", "SNU-134", "Avg", "SkinCon", "Derm7pt", "Avg"])
     recall_keys = [f"{d}_R{k}" for d in ("i2t", "t2i") for k in RECALL_KS]
-    head2 = " ".join(f"{k:>9}" for k in recall_keys + ["Avg"])
+    head2 = " ".join(f"{k:>9} " for k in recall_keys + ["Avg"])
+    terms_mark = "*" if own_terms else ""
+
+    def avg_mark(key: str) -> str:
+        return "+" if key in partial else ""
+
     lines = ["Table 1: zero-shot classification (top-1 accuracy) and concept annotation (AUROC)",
-             f"{'':{width}} {head1}"]
-    for name, get in (("MAKE (paper)", lambda n, k: PAPER_MAKE[n].get(k)), (label, ours)):
-        top1 = [get(n, "top1") for n in classify]
-        auroc = [get(n, "mean_auroc") for n in concepts]
-        lines.append(f"{name:{width}} {cells(top1 + [mean(top1)] + auroc + [mean(auroc)])}")
+             f"{'':{width}} {head1}",
+             f"{'MAKE (paper)':{width}} "
+             + " ".join([cell(PAPER_MAKE[n]["top1"]) for n in classify] + [cell(paper_avg["classify_avg_top1"])]
+                        + [cell(PAPER_MAKE[n]["mean_auroc"]) for n in concepts]
+                        + [cell(paper_avg["concepts_avg_auroc"])]),
+             f"{label:{width}} "
+             + " ".join([cell(ours(n, "top1")) for n in classify]
+                        + [cell(ours_avg.get("classify_avg_top1"), avg_mark("classify_avg_top1"))]
+                        + [cell(ours(n, "mean_auroc"), terms_mark) for n in concepts]
+                        + [cell(ours_avg.get("concepts_avg_auroc"), avg_mark("concepts_avg_auroc") or terms_mark)])]
     lines += ["", "Table 2: SkinCAP cross-modal retrieval (recall@K, image->text and text->image)",
               f"{'':{width}} {head2}"]
-    for name, get in (("MAKE (paper)", lambda n, k: PAPER_MAKE[n].get(k)), (label, ours)):
-        recalls = [get("SkinCAP", k) for k in recall_keys]
-        lines.append(f"{name:{width}} {cells(recalls + [mean(recalls)])}")
+    paper_recalls = [PAPER_MAKE["SkinCAP"][k] for k in recall_keys]
+    lines.append(f"{'MAKE (paper)':{width}} "
+                 + " ".join(cell(v) for v in paper_recalls + [sum(paper_recalls) / len(paper_recalls)]))
+    lines.append(f"{label:{width}} "
+                 + " ".join([cell(ours("SkinCAP", k)) for k in recall_keys] + [cell(ours("SkinCAP", "mean_recall"))]))
     lines.append("")
+    if own_terms:
+        lines.append(f"* make-dist's concept terms, not the authors': not comparable with the paper's row; "
+                     f"{how_to_get_authors_terms()}")
+    for key, count in partial.items():
+        left_out = [n for n in AVERAGES[key] if n not in averaged_over(results)[key]]
+        sets, of = count.split("/")
+        lines.append(f"+ {key}: the average of {sets} of the paper's {of} sets (without {', '.join(left_out)}): "
+                     f"not comparable with the paper's average")
+    if own_terms or partial:
+        lines.append("")
     for r in results:
         if r.status == "scored":
             note = f"{r.result.scored}/{r.result.rows} scored" + (f", {len(r.result.skipped)} skipped"
@@ -442,7 +596,11 @@ def tables(results: list[SetResult], label: str) -> str:
 
 
 def to_json(results: list[SetResult]) -> dict:
+    """The suite's results; `averaged_over` names the sets behind each average
+    (`of`: how many the paper's average has)."""
     return {"suite": "paper", "averages": averages(results),
+            "averaged_over": {key: {"sets": sets, "count": len(sets), "of": len(AVERAGES[key])}
+                              for key, sets in averaged_over(results).items()},
             "datasets": {r.benchmark.name: r.to_json() for r in results}}
 
 
@@ -460,6 +618,11 @@ def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper
     run.log_metrics(flat_metrics(results, prefix), step)
     run.set_tags({k: v for r in results if r.status == "scored"
                   for k, v in count_tags(r.result, f"{prefix}/{metric_name(r.benchmark.name)}").items()})
+    # What a number beside the paper's is made of: the concept terms, the sets behind each average.
+    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/concept_terms": r.concept_terms for r in results
+                  if r.status == "scored" and r.concept_terms})
+    run.set_tags({f"{prefix}/{key}/sets": f"{len(sets)} of {len(AVERAGES[key])}"
+                  for key, sets in averaged_over(results).items()})
     with tempfile.TemporaryDirectory() as tmp:
         for r in results:
             if r.status == "scored":
@@ -470,7 +633,7 @@ def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper
     run.log_text(json.dumps(to_json(results), indent=1), "results.json", prefix)
 
 
-def _concept_list(path: str, terms: dict[str, list[str]], terms_path: str) -> list[str]:
+def _concept_list(path: str, concept_terms: ConceptTerms) -> list[str]:
     """The concepts of a set, in the order of its meta.csv columns; each must have terms."""
     try:
         with fsspec.open(path, "rt") as f:
@@ -482,8 +645,9 @@ def _concept_list(path: str, terms: dict[str, list[str]], terms_path: str) -> li
         concept = line.strip().lower()
         if not concept:
             continue
-        if not terms.get(concept):
-            raise UserError(f"{path}: line {number}: concept {line.strip()!r} has no terms in {terms_path}")
+        if not concept_terms.terms.get(concept):
+            where = "make-dist's terms" if not concept_terms.authors else concept_terms.source
+            raise UserError(f"{path}: line {number}: concept {line.strip()!r} has no terms in {where}")
         concepts.append(concept)
     if not concepts:
         raise UserError(f"{path}: no concepts listed")

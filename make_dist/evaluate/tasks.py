@@ -55,6 +55,20 @@ class TaskResult:
 # Encoding
 
 
+def to_rgb(image):
+    """A PIL image in RGB (a module function: a DataLoader worker pickles the transform)."""
+    return image.convert("RGB")
+
+
+def eval_transform(size: int):
+    """make-dist's evaluation transform: RGB first, then resize and centre crop
+    (what the loader sees of a shard, which holds RGB). The paper suite uses
+    the authors' order instead (`paper.authors_transform`)."""
+    from torchvision import transforms as T
+
+    return T.Compose([to_rgb, image_transform(size, train=False)])
+
+
 class _TableImages(torch.utils.data.Dataset):
     def __init__(self, paths: list[str], images_root: str | None, transform, anywhere: bool):
         self.paths, self.root, self.transform, self.anywhere = paths, images_root, transform, anywhere
@@ -65,7 +79,7 @@ class _TableImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             image = open_image(read_bytes(image_location(self.paths[i], self.root, self.anywhere)))
-            return i, self.transform(image.convert("RGB")), None
+            return i, self.transform(image), None
         except OutsideRoot as e:
             return i, None, str(e)
         except FileNotFoundError:
@@ -80,13 +94,14 @@ def _collate(items):
 
 @torch.no_grad()
 def encode_images(model, paths: list[str], images_root: str | None, batch_size: int = 64, workers: int = 0,
-                  progress: str | None = None, anywhere: bool = False):
+                  progress: str | None = None, anywhere: bool = False, transform=None):
     """(embeddings (M, D) of the readable images, their row indices, skipped records).
     progress: a label for a bar of images encoded (none without it). A path
-    that leaves images_root is skipped with its reason unless `anywhere`."""
+    that leaves images_root is skipped with its reason unless `anywhere`.
+    transform: decoded PIL image -> uint8 (3, S, S) (default: `eval_transform`)."""
     from tqdm import tqdm
 
-    transform = image_transform(model.image_size, train=False)
+    transform = transform or eval_transform(model.image_size)
     loader = torch.utils.data.DataLoader(_TableImages(paths, images_root, transform, anywhere), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     device = _device(model)

@@ -16,14 +16,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
 
-from ..config import Config
+from ..config import Config, EvalConfig
 from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists, missing_files, within
 from ..lease import Lease
-from ..progress import StepBar
+from ..model import check_activation, resolve_architecture
+from ..progress import StepBar, say
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray, ray_job, ray_logs
 from .plan import WorkerPlan, run_worker
@@ -65,10 +66,8 @@ def check(cfg: Config) -> Config:
         if path and not exists(path, f"evaluation.{key}"):
             raise UserError(f"evaluation.{key}: {path} does not exist")
     if cfg.evaluation.suite:
-        try:
-            paper.check_data(cfg.evaluation.suite_data)
-        except UserError as e:
-            raise UserError(f"evaluation.suite_data: {e}") from None
+        cfg = replace(cfg, evaluation=check_suite(cfg.evaluation))
+    check_activation(*resolve_architecture(cfg.model.name)[:2], cfg.model.pretrained)
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     missing = missing_files([u for u in urls if not u.startswith("pipe:")], "data.train_shards")
     if missing:  # found now, not by a loader worker mid-run (or never, when shards are drawn at random)
@@ -82,6 +81,25 @@ def check(cfg: Config) -> Config:
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
+
+
+def check_suite(ev: EvalConfig) -> EvalConfig:
+    """The suite's data folder and concept terms, checked; the terms file
+    found (the authors', beside their data/) named for every worker, or a
+    note that make-dist's own terms make the concept sets incomparable."""
+    try:
+        paper.check_data(ev.suite_data)
+    except UserError as e:
+        raise UserError(f"evaluation.suite_data: {e}") from None
+    try:
+        terms = paper.concept_terms(ev.suite_data, ev.concept_terms)
+    except UserError as e:
+        raise UserError(f"evaluation.concept_terms: {e}") from None
+    if terms.authors:
+        return replace(ev, concept_terms=terms.source)
+    say("evaluation.suite: SkinCon and Derm7pt are scored with make-dist's concept terms, not comparable with the "
+        "paper's row; " + paper.how_to_get_authors_terms("evaluation.concept_terms ="))
+    return ev
 
 
 def outside_ray_jobs_copy(key: str, given: str | None, resolved: str) -> None:

@@ -256,6 +256,8 @@ def evaluate(w: Worker, step: int, run: Run | None) -> dict[str, float]:
             summary = "  ".join(f"{r.task} " + " ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()
                                                        if "/" not in k and k not in COUNTS) for r in results)
             summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
+            notes = paper.caveats(suite)  # not the paper's protocol to the letter: said beside the numbers
+            summary += f" ({'; '.join(notes)})" if notes else ""
             say(f"step {step}: evaluation: {summary.strip()}")
             logged = run is not None and step > w.evaluated_through
             if logged and results:
