@@ -43,6 +43,7 @@ EXPORT_CONFIG, EXPORT_WEIGHTS = "open_clip_config.json", "open_clip_pytorch_mode
 # config that configure its training loss, not the towers; stock open_clip
 # refuses them (a TypeError), so a config carrying them loads without them.
 TRAINING_ONLY_KEYS = {"vision_cfg": ("patch_embeddings", "sigma")}
+REGISTERED = "make-dist-registered-"  # the names `_register` gives cleaned configs
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -265,9 +266,30 @@ def _folder(name: str, config: dict, weights) -> Architecture:
     arch, dropped = without_training_keys(config["model_cfg"])
     if not dropped:
         return Architecture(name, arch)
+    if "quick_gelu" not in arch:  # the authors' fork trains from OpenAI's weights: QuickGELU, unsaid here
+        found = weights()
+        twin = quick_gelu_twin(arch) or 'CONFIG.json (this model_cfg with "quick_gelu": true)'
+        raise ModelLoadError(
+            f"{name}: {EXPORT_CONFIG} is the authors' open_clip fork's (it sets {', '.join(dropped)}), whose "
+            f"MAKE models start from OpenAI's weights (QuickGELU), but it does not set quick_gelu, so open_clip "
+            f"would build GELU and every score would move. Load the weights into the QuickGELU architecture: "
+            f"--model {twin} --weights {found}")
     say(f"{name}: {EXPORT_CONFIG} sets {', '.join(dropped)}, which configure the authors' training loss, not "
         f"the model: loaded without them")
     return Architecture(_register(arch), arch, str(weights() or ""), config.get("preprocess_cfg"))
+
+
+def quick_gelu_twin(arch: dict) -> str | None:
+    """The open_clip name of this architecture with QuickGELU, if it ships one
+    (not a name `_register` made: it lives only in this process)."""
+    plain = {k: v for k, v in arch.items() if k != "quick_gelu"}
+    for name in open_clip.list_models():
+        if name.startswith(REGISTERED):
+            continue
+        config = open_clip.get_model_config(name)
+        if config.get("quick_gelu") and {k: v for k, v in config.items() if k != "quick_gelu"} == plain:
+            return name
+    return None
 
 
 def without_training_keys(arch: dict) -> tuple[dict, list[str]]:
@@ -285,7 +307,7 @@ def _register(arch: dict) -> str:
     """open_clip's name for a config it does not ship, added to its registry
     through its one public way in, a file (read at once, then removed)."""
     text = json.dumps(arch, sort_keys=True)
-    name = f"make-dist-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    name = f"{REGISTERED}{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     if open_clip.get_model_config(name) is None:
         with tempfile.TemporaryDirectory(prefix="make-dist-arch-") as folder:
             (Path(folder) / f"{name}.json").write_text(text)
@@ -354,8 +376,7 @@ def check_activation(name: str, arch: dict, pretrained: str | None) -> None:
     why = quick_gelu_origin(name, pretrained)
     if why is None:
         return
-    twin = f"{name}-quickgelu"
-    use = twin if open_clip.get_model_config(twin) is not None else 'a model config with "quick_gelu": true'
+    use = quick_gelu_twin(arch) or 'a model config with "quick_gelu": true'
     raise ModelLoadError(
         f"{pretrained}: {why}, but {name} builds GELU: every score would move. Use --model {use} "
         f"(model.name in a config). Weights trained with GELU after all: name a model config .json that "

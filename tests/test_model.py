@@ -303,11 +303,19 @@ def test_the_checkpoints_own_run_record_decides(model, tmp_path):
     assert quick_gelu_origin("make-tiny", None) is None
 
 
-def test_a_config_with_the_authors_training_keys_loads_without_them(model, tmp_path, capsys):
+def test_a_config_with_the_authors_training_keys(tmp_path, capsys):
     """The authors' open_clip fork writes `patch_embeddings` and `sigma` into
     vision_cfg; stock open_clip refuses them. A model folder with such a
-    config loads (the keys dropped, and said), with its own weights."""
-    export_open_clip(model, tmp_path / "MAKE")
+    config that says quick_gelu loads (the keys dropped, and said) with its
+    own weights; one that does not is refused: the fork's models start from
+    OpenAI's weights, and the message says how to load them with QuickGELU."""
+    from make_dist.model import CONFIG_DIR
+
+    arch = dict(json.loads((CONFIG_DIR / "make-tiny.json").read_text()), quick_gelu=True)
+    (tmp_path / "tiny-quick.json").write_text(json.dumps(arch))
+    torch.manual_seed(0)
+    quick = build_model(ModelConfig(name=str(tmp_path / "tiny-quick.json"))).eval()
+    export_open_clip(quick, tmp_path / "MAKE")
     config = json.loads((tmp_path / "MAKE/open_clip_config.json").read_text())
     config["model_cfg"]["vision_cfg"].update(patch_embeddings=True, sigma=0.3)
     (tmp_path / "MAKE/open_clip_config.json").write_text(json.dumps(config))
@@ -316,12 +324,22 @@ def test_a_config_with_the_authors_training_keys_loads_without_them(model, tmp_p
     loaded = build_model(ModelConfig(name=str(tmp_path / "MAKE"))).eval()
     said = capsys.readouterr().out
     assert "sets vision_cfg.patch_embeddings, vision_cfg.sigma, which configure the authors' training loss" in said
-    image = torch.randint(0, 256, (2, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    image = torch.randint(0, 256, (2, 3, quick.image_size, quick.image_size), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.equal(loaded.encode_image(image)[0], model.encode_image(image)[0])
-    assert "patch_embeddings" not in loaded.arch["vision_cfg"]
-    tokens = tokenizer(ModelConfig(name=str(tmp_path / "MAKE")))(["a red plaque"])
-    assert tokens.shape == (1, 77)
+        assert torch.equal(loaded.encode_image(image)[0], quick.encode_image(image)[0])
+    assert "patch_embeddings" not in loaded.arch["vision_cfg"] and loaded.arch["quick_gelu"]
+    assert tokenizer(ModelConfig(name=str(tmp_path / "MAKE")))(["a red plaque"]).shape == (1, 77)
+
+    del config["model_cfg"]["quick_gelu"]
+    (tmp_path / "MAKE/open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"is the authors' open_clip fork's .* does not set quick_gelu.*"
+                                             r"--model CONFIG.json .* --weights .*MAKE/open_clip_pytorch_model.bin"):
+        build_model(ModelConfig(name=str(tmp_path / "MAKE")))
+    vit = open_clip.get_model_config("ViT-B-16")  # their ViT-B-16.json: the twin has a name
+    config["model_cfg"] = dict(vit, vision_cfg=dict(vit["vision_cfg"], patch_embeddings=True, sigma=0.3))
+    (tmp_path / "MAKE/open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="--model ViT-B-16-quickgelu --weights"):
+        build_model(ModelConfig(name=str(tmp_path / "MAKE")))
 
 
 def test_weights_that_would_run_code_are_refused(tmp_path):
