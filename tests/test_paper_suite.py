@@ -298,14 +298,11 @@ def test_training_that_names_an_empty_or_missing_suite_folder_fails_before_ray(t
         check(config(tmp_path / "nowhere"))
 
 
-def test_training_resolves_the_suites_terms_and_the_models_activation_before_ray(tiny_shards, data, model,
-                                                                                  tmp_path, capsys):
+def test_training_resolves_the_suites_terms_before_ray(tiny_shards, data, tmp_path, capsys):
     """A training run's suite follows the eval command's rules, checked by the
     driver: the authors' terms beside their data/ are named for every worker;
-    make-dist's own said to be incomparable; a QuickGELU checkpoint into a
-    GELU model refused before any worker starts."""
+    make-dist's own said to be incomparable."""
     from make_dist.config import load_config
-    from make_dist.model import ModelLoadError
     from make_dist.train.launch import check
 
     def config(folder, *more):
@@ -324,11 +321,6 @@ def test_training_resolves_the_suites_terms_and_the_models_activation_before_ray
         str(checkout / paper.AUTHORS_TERMS)
     with pytest.raises(paper.UserError, match="evaluation.concept_terms: .* is a folder without"):
         check(config(data, f"evaluation.concept_terms={tmp_path}"))
-    from test_model import _authors_checkpoint
-
-    ckpt = _authors_checkpoint(model, tmp_path / "epoch_15.pt")
-    with pytest.raises(ModelLoadError, match="make-tiny builds GELU"):
-        check(config(data, "model.name=make-tiny", f"model.pretrained={ckpt}"))
 
 
 def test_the_command_defaults_to_the_papers_architecture(model, data, tmp_path):

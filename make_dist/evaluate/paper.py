@@ -34,7 +34,6 @@ from importlib import resources
 import fsspec
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 
 from ..data.shards import table_rows
 from ..errors import UserError
@@ -310,6 +309,8 @@ def authors_transform(size: int):
     (bicubic), centre crop, then convert to RGB. The order matters for palette
     and semi-transparent PNGs, which make-dist's own order (RGB first) reads
     differently; the model scales and normalises the uint8 result."""
+    from torchvision import transforms as T  # here: a training run's driver imports this module, not torchvision
+
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_rgb,
                       T.PILToTensor()])
 

@@ -23,7 +23,6 @@ from ..errors import Interrupted, UserError
 from ..evaluate import paper
 from ..files import check_writable, exists, missing_files, within
 from ..lease import Lease
-from ..model import check_activation, resolve_architecture
 from ..progress import StepBar, say
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray, ray_job, ray_logs
@@ -67,7 +66,6 @@ def check(cfg: Config) -> Config:
             raise UserError(f"evaluation.{key}: {path} does not exist")
     if cfg.evaluation.suite:
         cfg = replace(cfg, evaluation=check_suite(cfg.evaluation))
-    check_activation(*resolve_architecture(cfg.model.name)[:2], cfg.model.pretrained)
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     missing = missing_files([u for u in urls if not u.startswith("pipe:")], "data.train_shards")
     if missing:  # found now, not by a loader worker mid-run (or never, when shards are drawn at random)
