@@ -64,8 +64,8 @@ from make_dist.objective import MakeLoss  # noqa: E402
 from make_dist.progress import say  # noqa: E402
 from make_dist.slots import n_slots  # noqa: E402
 from make_dist.train import engine as ds  # noqa: E402
-from make_dist.train.loop import Worker, batches, train_step  # noqa: E402
 from make_dist.train.prefetch import prefetch  # noqa: E402
+from make_dist.train.trainer import Trainer  # noqa: E402
 
 # Peak dense bf16 tensor-core rates (vendor figures), for MFU; matched in order.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -113,19 +113,6 @@ def variants(batch: int, large: int, loader: bool) -> list[Variant]:
 
 # ---------------------------------------------------------------------------
 # Set-up
-
-
-def init_process_group(use_gpu: bool) -> None:
-    """A one-rank process group, as Ray Train would set it up."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1").items():
-        os.environ.setdefault(key, value)
-    ds.init_distributed(use_gpu)
 
 
 def base_config(args, manifest: str) -> list[str]:
@@ -179,16 +166,19 @@ def loader_rate(cfg, model, manifest: str, batch_size: int, workers: int, n_batc
 # One variant
 
 
-def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[Batch]]) -> dict:
-    cfg = load_config(ROOT / "configs/paper.yaml", sets + [f"data.batch_size={v.batch}"] +
-                      [f"{k}={json.dumps(x) if isinstance(x, bool) else x}" for k, x in v.sets.items()])
-    device = torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu")
-    torch.manual_seed(cfg.train.seed)  # the same initial weights in every variant
-    model = build_model(cfg.model, text_batching=cfg.text_batching())
-    engine = ds.build_engine(model, cfg, world=1)
-    w = Worker(cfg, 0, 1, device, engine, model, MakeLoss.from_config(cfg.loss), 0, 0)
+def variant_config(v: Variant, sets: list[str]):
+    """configs/paper.yaml with the shared overrides and the variant's own."""
+    return load_config(ROOT / "configs/paper.yaml", sets + [f"data.batch_size={v.batch}"] +
+                       [f"{k}={json.dumps(x) if isinstance(x, bool) else x}" for k, x in v.sets.items()])
 
-    host = batches(w) if v.loader else itertools.cycle(data[v.batch])
+
+def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[Batch]]) -> dict:
+    cfg = variant_config(v, sets)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu")
+    trainer = Trainer(cfg, 0, 1, device)  # the users' trainer: its seed, model, engine and loss
+    model = trainer.model
+
+    host = trainer.batches() if v.loader else itertools.cycle(data[v.batch])
     if v.prefetch:
         stream = prefetch(host, device)
     else:  # copied on the compute stream when the step starts
@@ -200,14 +190,14 @@ def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[Batch]])
         losses, t_first = [], time.perf_counter()
         warmup = args.warmup + (3 if cfg.model.compile else 0)  # compiling for each text bucket's shapes
         for i in range(warmup):
-            result = train_step(w, next(stream))
+            result = trainer.step(next(stream))
             losses.append(float(result["loss/total"]) if result is not None else float("nan"))
         if args.gpu:
             torch.cuda.reset_peak_memory_stats()
         synchronize(args)
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(w, next(stream))
+            trainer.step(next(stream))
         synchronize(args)
         elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.gpu else float("nan")
@@ -218,7 +208,7 @@ def run_variant(v: Variant, args, sets: list[str], data: dict[int, list[Batch]])
         "peak_gib": peak, "mfu": flops * rate / v.batch / peak_flops if peak_flops else float("nan"),
         "first_loss": losses[0] if losses and not v.loader else float("nan"), "warmup_s": start - t_first,
     }
-    del engine, model, w, stream, host
+    del trainer, model, stream, host
     gc.collect()
     if args.gpu:
         torch.cuda.empty_cache()
@@ -399,7 +389,7 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    init_process_group(args.gpu)
+    ds.init_single_process(args.gpu)
     manifest = make_data(args, Path(args.work or tempfile.mkdtemp(prefix="bench-step-")))
     sets = base_config(args, manifest)
     cfg = load_config(ROOT / "configs/paper.yaml", sets)

@@ -89,12 +89,13 @@ def cmd_shards(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """Train with Ray Train + DeepSpeed, tracked in MLflow; resumes a run of the same name."""
+    """Train with Ray Train + DeepSpeed, tracked in MLflow; resumes a run of the same name.
+    --no-ray: in this process, one worker, no Ray (to step through with a debugger or a profiler)."""
     from .train.launch import fit
 
     overrides = args.overrides + ([f"tracking.register={args.register}"] if args.register else [])
     config = load_config(args.config, overrides)
-    result = fit(config)
+    result = fit(config, ray=not args.no_ray)
     print(f"make-dist: trained; run folder {result.run_dir}, MLflow run {result.run.id} ({result.run.uri})")
     return 0
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--register", metavar="NAME", help="register the trained model in MLflow's model registry "
                    "under NAME (same as --set tracking.register=NAME)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="train in this process, one worker, without Ray (checkpoints, resume, MLflow and the "
+                        "exported model as in a Ray run): for a debugger or a profiler")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the whole path on this machine: data, shards, training, evaluation",

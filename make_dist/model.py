@@ -236,7 +236,8 @@ def resolve_architecture(name: str) -> Architecture:
         open_clip.add_model_config(path)
         return Architecture(path.stem, arch)
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
-        return _folder(f"local-dir:{path}", json.loads((path / EXPORT_CONFIG).read_text()), lambda: _weights_in(path))
+        return _folder(f"local-dir:{path}", name, json.loads((path / EXPORT_CONFIG).read_text()),
+                       lambda: _weights_in(path), str(_weights_in(path)))
     if name.startswith("hf-hub:"):  # e.g. the authors' released weights, hf-hub:xieji-x/MAKE
         repo = name[len("hf-hub:"):]
         try:
@@ -246,8 +247,9 @@ def resolve_architecture(name: str) -> Architecture:
                 f"{name}: cannot fetch its {EXPORT_CONFIG} from the Hugging Face Hub ({str(e)[:200]}). Offline, "
                 f"download the repository where there is a connection (huggingface-cli download REPO --local-dir "
                 f"DIR) and pass DIR as the model") from None
-        return _folder(name, json.loads(Path(config).read_text()),
-                       lambda: open_clip.pretrained.download_pretrained_from_hf(repo))
+        return _folder(name, name, json.loads(Path(config).read_text()),
+                       lambda: open_clip.pretrained.download_pretrained_from_hf(repo),
+                       f"WEIGHTS (its weights file, e.g. from huggingface-cli download {repo} --local-dir DIR)")
     arch = open_clip.get_model_config(name)
     if arch is None:
         raise ModelLoadError(
@@ -257,26 +259,32 @@ def resolve_architecture(name: str) -> Architecture:
     return Architecture(name, arch)
 
 
-def _folder(name: str, config: dict, weights) -> Architecture:
-    """A model folder's (or Hub repository's) architecture. A config with the
-    authors' training-only keys is registered without them under a name of
-    its own, and its weights are loaded from the file `weights()` finds."""
+def _folder(name: str, given: str, config: dict, weights, weights_said: str) -> Architecture:
+    """A model folder's (or Hub repository's) architecture, `given` as the
+    user named it. A config with the authors' training-only keys is
+    registered without them under a name of its own, and its weights are
+    loaded from the file `weights()` finds (`weights_said`: how to name it
+    before it is fetched)."""
     if "model_cfg" not in config:
-        raise ModelLoadError(f"{name}: its {EXPORT_CONFIG} has no model_cfg")
+        raise ModelLoadError(f"{given}: its {EXPORT_CONFIG} has no model_cfg")
     arch, dropped = without_training_keys(config["model_cfg"])
     if not dropped:
         return Architecture(name, arch)
     if "quick_gelu" not in arch:  # the authors' fork trains from OpenAI's weights: QuickGELU, unsaid here
-        found = weights()
         twin = quick_gelu_twin(arch) or 'CONFIG.json (this model_cfg with "quick_gelu": true)'
         raise ModelLoadError(
-            f"{name}: {EXPORT_CONFIG} is the authors' open_clip fork's (it sets {', '.join(dropped)}), whose "
+            f"{given}: {EXPORT_CONFIG} is the authors' open_clip fork's (it sets {', '.join(dropped)}), whose "
             f"MAKE models start from OpenAI's weights (QuickGELU), but it does not set quick_gelu, so open_clip "
             f"would build GELU and every score would move. Load the weights into the QuickGELU architecture: "
-            f"--model {twin} --weights {found}")
-    say(f"{name}: {EXPORT_CONFIG} sets {', '.join(dropped)}, which configure the authors' training loss, not "
-        f"the model: loaded without them")
+            f"--model {twin} --weights {weights_said}")
+    if (given, tuple(dropped)) not in _SAID:  # once, though the model and its tokenizer both resolve it
+        _SAID.add((given, tuple(dropped)))
+        say(f"{given}: {EXPORT_CONFIG} sets {', '.join(dropped)}, which configure the authors' training loss, "
+            f"not the model: loaded without them")
     return Architecture(_register(arch), arch, str(weights() or ""), config.get("preprocess_cfg"))
+
+
+_SAID: set = set()
 
 
 def quick_gelu_twin(arch: dict) -> str | None:
@@ -338,10 +346,9 @@ def quick_gelu_origin(name: str, pretrained: str | None) -> str | None:
     if not os.path.isfile(pretrained):
         tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
         return f"open_clip's {pretrained!r} weights were trained with QuickGELU" if tag.get("quick_gelu") else None
-    params = Path(pretrained).resolve().parent.parent / "params.txt"
-    if params.is_file():  # the run's own record: what it started from
-        record = dict(line.partition(": ")[::2] for line in params.read_text(errors="replace").splitlines())
-        started = record.get("pretrained", "").strip()
+    record = _run_record(Path(pretrained))
+    if record is not None:  # the run's own record: what it started from
+        params, started = record["params.txt"], record.get("pretrained", "").strip()
         if (started.lower() == "openai" or record.get("force_quick_gelu", "").strip() == "True"
                 or record.get("model", "").strip().endswith("quickgelu")):
             return f"its run's {params} says it started from {started or 'QuickGELU'} weights (QuickGELU)"
@@ -350,6 +357,21 @@ def quick_gelu_origin(name: str, pretrained: str | None) -> str | None:
         return ("it is a checkpoint of the authors' MAKE training (a dict with state_dict, keys module.*), "
                 "which starts from OpenAI's weights (QuickGELU)")
     return None
+
+
+def _run_record(checkpoint: Path) -> dict[str, str] | None:
+    """open_clip_train's record of the run a checkpoint belongs to:
+    NAME/params.txt beside NAME/checkpoints/epoch_N.pt, holding its `model`
+    and `pretrained` lines; None when the checkpoint is not in that layout."""
+    folder = checkpoint.resolve().parent
+    params = folder.parent / "params.txt"
+    if folder.name != "checkpoints" or not params.is_file():
+        return None
+    record = {k.strip(): v for k, v in (line.partition(": ")[::2]
+                                        for line in params.read_text(errors="replace").splitlines())}
+    if "model" not in record or "pretrained" not in record:
+        return None
+    return {**record, "params.txt": str(params)}
 
 
 def _authors_checkpoint(path: str) -> bool:
@@ -367,6 +389,24 @@ def _authors_checkpoint(path: str) -> bool:
     return isinstance(state, dict) and bool(state) and all(str(k).startswith("module.") for k in state)
 
 
+def _mismatch(name: str, weights: str) -> str | None:
+    """The first weight whose shape differs between a file and an
+    architecture (or that one of them lacks), in a user's words."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    model = open_clip.create_model(name, pretrained=None, nonscalar_logit_scale=True).state_dict()
+    for key, value in model.items():
+        if key not in state:
+            return f"{key} is not in the file"
+        if state[key].numel() != value.numel():
+            return f"{key}: {tuple(state[key].shape)} in the file, {tuple(value.shape)} in {name}"
+    return None
+
+
 def check_activation(name: str, arch: dict, pretrained: str | None) -> None:
     """Refuse weights trained with QuickGELU in an architecture built with
     GELU (every embedding would be off, silently). A config that sets
@@ -376,11 +416,12 @@ def check_activation(name: str, arch: dict, pretrained: str | None) -> None:
     why = quick_gelu_origin(name, pretrained)
     if why is None:
         return
-    use = quick_gelu_twin(arch) or 'a model config with "quick_gelu": true'
+    twin = quick_gelu_twin(arch)
+    use = (f"Use --model {twin} (model.name in a config)" if twin else
+           'Use a model config .json with "quick_gelu": true as --model (model.name in a config)')
     raise ModelLoadError(
-        f"{pretrained}: {why}, but {name} builds GELU: every score would move. Use --model {use} "
-        f"(model.name in a config). Weights trained with GELU after all: name a model config .json that "
-        f"says \"quick_gelu\": false")
+        f"{pretrained}: {why}, but {name} builds GELU: every score would move. {use}. Weights trained with "
+        f"GELU after all: name a model config .json that says \"quick_gelu\": false")
 
 
 def build_model(cfg: ModelConfig, text_batching: str | None = None) -> MakeModel:
@@ -408,10 +449,13 @@ def build_model(cfg: ModelConfig, text_batching: str | None = None) -> MakeModel
                 f"from the internet ({e}). Offline, download the checkpoint where there is a connection "
                 f"and set model.pretrained to the local file's path."
             ) from None
-        if pretrained:  # open_clip's loader: a state dict of another shape, or a file it cannot read safely
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ModelLoadError(f"{pretrained}: cannot be loaded into {cfg.name} ({reason}): name the "
-                                 f"architecture these weights were trained as (--model, model.name)") from None
+        if pretrained and isinstance(e, pickle.UnpicklingError):  # torch's weights-only loader said no
+            raise ModelLoadError(f"{pretrained}: refused: it holds pickled objects beyond tensors and containers, "
+                                 f"and loading them could run code") from None
+        if pretrained:  # open_clip's loader: a state dict of another shape
+            raise ModelLoadError(f"{pretrained}: cannot be loaded into {cfg.name} "
+                                 f"({_mismatch(name, pretrained) or str(e).strip()[:200]}): name the architecture "
+                                 f"these weights were trained as (--model, model.name)") from None
         raise
     model = MakeModel(clip, dict(arch), text_batching or cfg.text_batching, cfg.text_bucket)
     model.set_grad_checkpointing(cfg.checkpointed("image"), cfg.checkpointed("text"))

@@ -269,7 +269,8 @@ def test_the_authors_checkpoint_is_refused_in_a_gelu_model(model, tmp_path):
                                              r"Use --model ViT-B-16-quickgelu"):
         check_activation("ViT-B-16", open_clip.get_model_config("ViT-B-16"), ckpt)
     check_activation("ViT-B-16-quickgelu", open_clip.get_model_config("ViT-B-16-quickgelu"), ckpt)
-    with pytest.raises(ModelLoadError, match="make-tiny builds GELU.* a model config with \"quick_gelu\": true"):
+    with pytest.raises(ModelLoadError,
+                       match="make-tiny builds GELU.* Use a model config .json with \"quick_gelu\": true as --model"):
         build_model(ModelConfig(name="make-tiny", pretrained=ckpt))
     with pytest.raises(ModelLoadError, match="'openai' weights were trained with QuickGELU.*ViT-B-16-quickgelu"):
         check_activation("ViT-B-16", open_clip.get_model_config("ViT-B-16"), "openai")  # before any download
@@ -298,6 +299,8 @@ def test_the_checkpoints_own_run_record_decides(model, tmp_path):
     (tmp_path / "logs/run/params.txt").write_text("model: ViT-B-16\npretrained: laion2b_s34b_b88k\n"
                                                   "force_quick_gelu: False\n")
     assert quick_gelu_origin("ViT-B-16", ckpt) is None
+    stray = str(_authors_checkpoint(model, tmp_path / "logs/run/other/epoch_1.pt"))  # not open_clip_train's layout
+    assert "checkpoint of the authors' MAKE training" in quick_gelu_origin("ViT-B-16", stray)
     loaded = build_model(ModelConfig(name="make-tiny", pretrained=ckpt))
     assert torch.equal(loaded.clip.visual.conv1.weight, model.clip.visual.conv1.weight)
     assert quick_gelu_origin("make-tiny", None) is None
@@ -356,6 +359,7 @@ def test_weights_that_would_run_code_are_refused(tmp_path):
     path = tmp_path / "epoch_15.pt"
     torch.save({"state_dict": {"module.x": torch.zeros(1)}, "extra": Planted()}, path,
                pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    with pytest.raises(ModelLoadError, match=f"{path}: cannot be loaded into make-tiny"):
+    with pytest.raises(ModelLoadError, match=f"{path}: refused: it holds pickled objects beyond tensors and "
+                                             f"containers, and loading them could run code$"):
         build_model(ModelConfig(name="make-tiny", pretrained=str(path)))
     assert not marker.exists()

@@ -1,6 +1,7 @@
 """The paper's benchmark suite (`make-dist eval --suite paper`): the protocol
 by hand, the authors' layout read in place, every row scored, bad input."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -158,7 +159,7 @@ def test_a_missing_set_is_reported_and_the_table_keeps_its_place(suite):
     # An average over 3 of the paper's 4 sets is marked, and the mark said
     assert ours[5].endswith("+")
     assert float(ours[5][:-1]) == pytest.approx(paper.averages(list(suite.values()))["classify_avg_top1"], abs=1e-4)
-    assert ("+ classify_avg_top1: the average of 3 of the paper's 4 sets (without SD-128): not comparable with "
+    assert ("+ Avg (classification): the average of 3 of the paper's 4 sets (without SD-128): not comparable with "
             "the paper's average") in text
     assert "SD-128          missing" in text and "SNU-134         6/8 scored, 2 skipped" in text
     report = paper.to_json(list(suite.values()))
@@ -179,7 +180,7 @@ def test_concept_columns_scored_with_make_dists_terms_are_marked(suite):
     ours = text.splitlines()[3].split()
     assert ours[6].endswith("*") and ours[7].endswith("*") and ours[8].endswith("*")  # SkinCon, Derm7pt, Avg
     assert not any(cell.endswith("*") for cell in ours[1:6])
-    assert "* make-dist's concept terms, not the authors': not comparable with the paper's row" in text
+    assert "* concept terms not the authors' file as released (make-dist's own): not comparable" in text
     assert "git clone https://github.com/SiyuanYan1/MAKE) and pass --concept-terms MAKE" in text
 
 
@@ -188,7 +189,16 @@ def _authors_terms() -> dict:
             ["Vesicle", "Papule", "Brown(Hyperpigmentation)", "Erythema", *DERM7PT_CONCEPTS]}
 
 
-def test_the_authors_terms_from_their_checkout(model, tok, data, tmp_path):
+@pytest.fixture
+def released(monkeypatch):
+    """_authors_terms() taken for the authors' file as released. Their file
+    carries no licence and cannot ship with the tests; make-dist knows it by
+    the SHA-256 of its content, so the test's stand-in is added to that list."""
+    canonical = json.dumps(_authors_terms(), sort_keys=True).encode()
+    monkeypatch.setitem(paper.AUTHORS_TERMS_SHA256, hashlib.sha256(canonical).hexdigest(), "the test's copy")
+
+
+def test_the_authors_terms_from_their_checkout(model, tok, data, tmp_path, released):
     """The authors' terms are read from a checkout of their repository: named
     (--concept-terms MAKE), or found when DIR is the checkout's data/ folder;
     the concept columns then carry no mark and the JSON names the file."""
@@ -198,14 +208,35 @@ def test_the_authors_terms_from_their_checkout(model, tok, data, tmp_path):
     (checkout / paper.AUTHORS_TERMS).write_text(json.dumps(_authors_terms()))
     said = []
     found = {r.benchmark.name: r for r in paper.run_suite(model, tok, str(checkout / "data"), say=said.append)}
-    assert found["SkinCon"].concept_terms == str(checkout / paper.AUTHORS_TERMS)
-    assert f"concept terms: {checkout / paper.AUTHORS_TERMS}" in said
+    assert found["SkinCon"].concept_terms == str(checkout / paper.AUTHORS_TERMS) and found["SkinCon"].authors_terms
+    assert (f"concept terms: the authors' concept terms ({checkout / paper.AUTHORS_TERMS}, as released in the "
+            f"test's copy)") in said
     assert "*" not in paper.tables(list(found.values()), "m")
     named = paper.concept_terms(str(data), str(checkout))
     assert named.source == str(checkout / paper.AUTHORS_TERMS) and named.authors
     assert named.terms["erythema"] == ["erythema", "erythema lesion"]
     with pytest.raises(paper.UserError, match="is a folder without concept_annotation/term_lists/ConceptTerms.json"):
         paper.concept_terms(str(data), str(tmp_path))
+
+
+def test_terms_of_ones_own_are_marked_too(model, tok, data, tmp_path):
+    """Any terms file but the authors' as released (here: theirs with one
+    term more) leaves the concept columns marked, and the file named; with a
+    concept set missing as well, the concept average carries both marks."""
+    terms = _authors_terms()
+    terms["erythema"].append("redness")
+    (tmp_path / "mine.json").write_text(json.dumps(terms))
+    shutil.copytree(data, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data/derm7pt")
+    results = paper.run_suite(model, tok, str(tmp_path / "data"), str(tmp_path / "mine.json"), say=lambda _: None)
+    skincon = next(r for r in results if r.benchmark.name == "SkinCon")
+    assert skincon.concept_terms == str(tmp_path / "mine.json") and not skincon.authors_terms
+    text = paper.tables(results, "m")
+    ours = text.splitlines()[3].split()
+    assert ours[6].endswith("*") and ours[7] == "-" and ours[8].endswith("*+")
+    assert f"* concept terms not the authors' file as released ({tmp_path / 'mine.json'})" in text
+    assert "+ Avg (concepts): the average of 1 of the paper's 2 sets (without Derm7pt)" in text
+    assert paper.to_json(results)["datasets"]["SkinCon"]["authors_terms"] is False
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +288,7 @@ def test_meta_columns_that_do_not_line_up_with_the_concept_list(model, tok, data
 # The command: tables, JSON, one MLflow run; the authors' terms file
 
 
-def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path):
+def test_cli_suite_writes_tables_json_and_one_mlflow_run(model, data, tmp_path, released):
     export_open_clip(model, tmp_path / "model")
     (tmp_path / "ConceptTerms.json").write_text(json.dumps(_authors_terms()))
     out = subprocess.run(
@@ -298,7 +329,7 @@ def test_training_that_names_an_empty_or_missing_suite_folder_fails_before_ray(t
         check(config(tmp_path / "nowhere"))
 
 
-def test_training_resolves_the_suites_terms_before_ray(tiny_shards, data, tmp_path, capsys):
+def test_training_resolves_the_suites_terms_before_ray(tiny_shards, data, tmp_path, capsys, released):
     """A training run's suite follows the eval command's rules, checked by the
     driver: the authors' terms beside their data/ are named for every worker;
     make-dist's own said to be incomparable."""
@@ -311,7 +342,8 @@ def test_training_resolves_the_suites_terms_before_ray(tiny_shards, data, tmp_pa
                                   f"evaluation.suite_data={folder}", *more])
 
     assert check(config(data)).evaluation.concept_terms is None
-    assert "SkinCon and Derm7pt are scored with make-dist's concept terms, not comparable" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "SkinCon and Derm7pt are scored with make-dist's own concept terms, not comparable" in said
     checkout = tmp_path / "MAKE"
     shutil.copytree(data, checkout / "data")
     (checkout / paper.AUTHORS_TERMS).parent.mkdir(parents=True)
@@ -342,7 +374,8 @@ def test_the_command_defaults_to_the_papers_architecture(model, data, tmp_path):
     assert out.returncode == 2 and "give --weights FILE (e.g. the authors' epoch_15.pt, loaded into " \
         "ViT-B-16-quickgelu)" in out.stderr
     out = run("--weights", str(ckpt))  # into ViT-B-16-quickgelu: the tiny weights do not fit, and it says so
-    assert out.returncode == 2 and f"{ckpt}: cannot be loaded into ViT-B-16-quickgelu (" in out.stderr
+    assert out.returncode == 2 and f"{ckpt}: cannot be loaded into ViT-B-16-quickgelu (positional_embedding: " \
+        "(77, 128) in the file, (77, 512) in ViT-B-16-quickgelu)" in out.stderr
     assert "name the architecture these weights were trained as" in out.stderr and "Traceback" not in out.stderr
 
 

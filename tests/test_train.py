@@ -5,6 +5,7 @@ runs, and the stop/restart and fault runs are real `make-dist train`
 processes, stopped or shot for real.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import tracking_db
 from mlflow.tracking import MlflowClient
 
-from conftest import tracking_db
 from make_dist.config import load_config
 from make_dist.model import build_model
 
@@ -94,6 +95,28 @@ def test_two_workers_make_the_same_first_update_as_one_with_double_batch(tmp_pat
     _, _, h_two = run_history(tmp_path / "two")
     _, _, h_one = run_history(tmp_path / "one")
     assert h_two[0].value == pytest.approx(h_one[0].value, rel=1e-5)
+    # The same run without Ray (the Trainer in this process): the same first loss, the same update
+    with process_of_its_own():
+        here = fit(tiny(tmp_path / "here", shards, repo_root, **same, **{"train.workers": 1, "data.batch_size": 16}),
+                   ray=False)
+    _, _, h_here = run_history(tmp_path / "here")
+    assert h_here[0].step == 1 and h_here[0].value == pytest.approx(h_one[0].value, rel=1e-6)
+    c = exported_weights(here.run_dir)
+    assert all(torch.allclose(c[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
+
+
+@contextlib.contextmanager
+def process_of_its_own():
+    """A run without Ray sets up a process group of one in this process:
+    ended afterwards, and the environment it set given back."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -264,7 +287,7 @@ def test_the_driver_and_a_sweeps_trials_leave_the_models_libraries_to_the_worker
     """Every run's driver and every trial imports the launcher and the sweep;
     open_clip, torchvision and DeepSpeed load on the workers only (seconds of
     every start)."""
-    heavy = ("open_clip", "torchvision", "deepspeed", "make_dist.model", "make_dist.train.loop")
+    heavy = ("open_clip", "torchvision", "deepspeed", "make_dist.model", "make_dist.train.trainer")
     out = subprocess.run([sys.executable, "-c", "import sys, make_dist.sweep, make_dist.train.launch; "
                           f"print([m for m in {heavy!r} if m in sys.modules])"],
                          capture_output=True, text=True, timeout=120)
@@ -569,7 +592,10 @@ def test_a_rank_restoring_late_does_not_rewrite_the_checkpoint_another_rank_read
     import pyarrow.fs
     import ray.train
 
-    from make_dist.train.loop import restored
+    from make_dist.train.ray_worker import RayCheckpoint
+
+    def restored(checkpoint):
+        return RayCheckpoint(checkpoint).restored()
 
     (tmp_path / "bucket/checkpoint").mkdir(parents=True)
     (tmp_path / "bucket/checkpoint/state.pt").write_bytes(b"weights" * 1000)

@@ -24,6 +24,7 @@ sets than the paper's (docs/evaluation.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -112,6 +113,9 @@ AVERAGES = {
 # carries no licence, so the file cannot ship here: it is read from a checkout.
 AUTHORS_TERMS = "concept_annotation/term_lists/ConceptTerms.json"
 MAKE_DIST_TERMS = "make-dist"  # the `concept_terms` entry of results scored with make-dist's own terms
+# The authors' file as released (SiyuanYan1/MAKE cbb966a, 64 concepts), known by the SHA-256 of its
+# content (json.dumps with sorted keys, so line endings and layout do not matter): recognised, not shipped.
+AUTHORS_TERMS_SHA256 = {"b8d94a3ff5e0aa86d3597ce7781d7b02cf3e6f5a754a45bbb4be099099b2b5ab": "SiyuanYan1/MAKE cbb966a"}
 
 # The paper's MAKE row (MICCAI 2025, Tables 1 and 2), printed beside ours.
 PAPER_MAKE = {
@@ -131,12 +135,13 @@ class SetResult:
     message: str = ""
     result: TaskResult | None = None
     concept_terms: str | None = None  # a concept set's terms: the file read, or MAKE_DIST_TERMS
+    authors_terms: bool = False  # ... and whether they are the authors' file as released
 
     def to_json(self) -> dict:
         out = {"task": self.benchmark.task, "status": self.status, "message": self.message,
                "rows": 0, "scored": 0, "skipped": [], "metrics": {}}
         if self.benchmark.task == "concepts":
-            out["concept_terms"] = self.concept_terms
+            out.update(concept_terms=self.concept_terms, authors_terms=self.authors_terms)
         if self.result is not None:
             r = self.result
             out.update(rows=r.rows, scored=r.scored, skipped=r.skipped, metrics=r.metrics)
@@ -189,9 +194,18 @@ class ConceptTerms:
     source: str  # the file read, or MAKE_DIST_TERMS
 
     @property
-    def authors(self) -> bool:
-        """False for make-dist's own terms: concept AUROCs not comparable with the paper's."""
-        return self.source != MAKE_DIST_TERMS
+    def authors(self) -> str | None:
+        """The release of the authors' file these terms are (None: not theirs as
+        released, so concept AUROCs not comparable with the paper's)."""
+        canonical = json.dumps(self.terms, sort_keys=True).encode()
+        return AUTHORS_TERMS_SHA256.get(hashlib.sha256(canonical).hexdigest())
+
+    def describe(self) -> str:
+        if self.source == MAKE_DIST_TERMS:
+            return "make-dist's own concept terms"
+        if self.authors:
+            return f"the authors' concept terms ({self.source}, as released in {self.authors})"
+        return f"the concept terms of {self.source}, not the authors' file as released (SiyuanYan1/MAKE cbb966a)"
 
 
 def find_concept_terms(data_dir: str, given: str | None = None) -> str | None:
@@ -223,7 +237,7 @@ def concept_terms(data_dir: str, given: str | None = None) -> ConceptTerms:
     path = find_concept_terms(data_dir, given)
     if path is None:
         return ConceptTerms(load_concept_terms(default_concept_terms()), MAKE_DIST_TERMS)
-    return ConceptTerms(load_concept_terms(path), path)
+    return ConceptTerms(load_concept_terms(path), path if "://" in path else os.path.abspath(path))
 
 
 def how_to_get_authors_terms(option: str = "--concept-terms") -> str:
@@ -446,9 +460,9 @@ def run_suite(model, tokenizer, data_dir: str, terms: str | None = None, batch_s
     chosen = None
     if any(found[b.name] for b in BENCHMARKS if b.task == "concepts"):
         chosen = concept_terms(data_dir, terms)
-        say(f"concept terms: {chosen.source}" if chosen.authors else
-            f"concept terms: make-dist's own, not the authors': SkinCon and Derm7pt are not comparable with "
-            f"the paper's row ({how_to_get_authors_terms()})")
+        say(f"concept terms: {chosen.describe()}" if chosen.authors else
+            f"concept terms: {chosen.describe()}: SkinCon and Derm7pt are not comparable with the paper's row; "
+            + how_to_get_authors_terms())
     model.eval()
     results = []
     for b in BENCHMARKS:
@@ -465,10 +479,12 @@ def run_suite(model, tokenizer, data_dir: str, terms: str | None = None, batch_s
             else:
                 result = score_retrieval(model, tokenizer, data_dir, b, batch_size)
         except UserError as e:
-            results.append(SetResult(b, "error", str(e), concept_terms=_source(b, chosen)))
+            results.append(SetResult(b, "error", str(e), concept_terms=_source(b, chosen),
+                                     authors_terms=bool(_source(b, chosen) and chosen.authors)))
             say(f"{b.name}: stopped: {e}")
             continue
-        results.append(SetResult(b, "scored", result=result, concept_terms=_source(b, chosen)))
+        results.append(SetResult(b, "scored", result=result, concept_terms=_source(b, chosen),
+                                 authors_terms=bool(_source(b, chosen) and chosen.authors)))
         if result.skipped:
             say(f"{b.name}: {len(result.skipped)} of {result.rows} rows skipped "
                 f"(first: row {result.skipped[0]['row']}: {result.skipped[0]['reason']})")
@@ -479,6 +495,8 @@ def _source(benchmark: Benchmark, chosen: ConceptTerms | None) -> str | None:
     return chosen.source if benchmark.task == "concepts" and chosen is not None else None
 
 
+AVERAGE_NAMES = {"classify_avg_top1": "Avg (classification)", "concepts_avg_auroc": "Avg (concepts)",
+                 "retrieval_avg_recall": "Avg (retrieval)"}
 # The metric each Average column takes from a set of its task.
 _AVERAGED = {"classify_avg_top1": "top1", "concepts_avg_auroc": "mean_auroc", "retrieval_avg_recall": "mean_recall"}
 
@@ -514,12 +532,18 @@ def partial_averages(results: list[SetResult]) -> dict[str, str]:
             if len(sets) < len(AVERAGES[key])}
 
 
+def _other_terms(results: list[SetResult]) -> list[str]:
+    """The terms (file, or make-dist) of scored concept sets that are not the authors' file as released."""
+    return sorted({r.concept_terms for r in results if r.status == "scored" and r.benchmark.task == "concepts"
+                   and not r.authors_terms})
+
+
 def caveats(results: list[SetResult]) -> list[str]:
     """What keeps these numbers from the paper's protocol to the letter, in a
     few words each (for a one-line summary; `tables` says it in full)."""
     out = [f"{key} over {count} sets" for key, count in partial_averages(results).items()]
-    if any(r.concept_terms == MAKE_DIST_TERMS for r in results if r.status == "scored"):
-        out.append("concept sets with make-dist's terms")
+    if _other_terms(results):
+        out.append("concept sets not with the authors' terms")
     return out
 
 
@@ -530,10 +554,11 @@ def caveats(results: list[SetResult]) -> list[str]:
 def tables(results: list[SetResult], label: str) -> str:
     """Table 1 and Table 2 as the paper prints them, the paper's MAKE row above
     ours. A value that is not the paper's protocol to the letter is marked and
-    the mark explained below: * concept columns scored with make-dist's own
-    terms, + an average over fewer sets than the paper's."""
+    the mark explained below: * concept columns scored with terms other than
+    the authors' file as released, + an average over fewer sets than the
+    paper's."""
     by_name = {r.benchmark.name: r for r in results}
-    own_terms = any(r.concept_terms == MAKE_DIST_TERMS for r in results if r.status == "scored")
+    own_terms = _other_terms(results)
     partial = partial_averages(results)
     ours_avg = averages(results)
     paper_avg = {key: sum(PAPER_MAKE[n][_AVERAGED[key]] for n in AVERAGES[key]) / len(AVERAGES[key])
@@ -543,15 +568,15 @@ def tables(results: list[SetResult], label: str) -> str:
         r = by_name.get(name)
         return r.result.metrics.get(key) if r is not None and r.status == "scored" else None
 
-    def cell(value, mark: str = "") -> str:
-        return f"{value:>9.4f}{mark or ' '}" if _number(value) else f"{'-':>9} "
+    def cell(value, mark: str = "") -> str:  # room for two marks: an average over fewer sets of other terms
+        return f"{value:>9.4f}{mark:2}" if _number(value) else f"{'-':>9}  "
 
     classify = AVERAGES["classify_avg_top1"]
     concepts = AVERAGES["concepts_avg_auroc"]
     width = max(14, len(label))
-    head1 = " ".join(f"{n:>9} " for n in ["PAD", "F17K", "SD-128", "SNU-134", "Avg", "SkinCon", "Derm7pt", "Avg"])
+    head1 = " ".join(f"{n:>9}  " for n in ["PAD", "F17K", "SD-128", "SNU-134", "Avg", "SkinCon", "Derm7pt", "Avg"])
     recall_keys = [f"{d}_R{k}" for d in ("i2t", "t2i") for k in RECALL_KS]
-    head2 = " ".join(f"{k:>9} " for k in recall_keys + ["Avg"])
+    head2 = " ".join(f"{k:>9}  " for k in recall_keys + ["Avg"])
     terms_mark = "*" if own_terms else ""
 
     def avg_mark(key: str) -> str:
@@ -567,7 +592,7 @@ def tables(results: list[SetResult], label: str) -> str:
              + " ".join([cell(ours(n, "top1")) for n in classify]
                         + [cell(ours_avg.get("classify_avg_top1"), avg_mark("classify_avg_top1"))]
                         + [cell(ours(n, "mean_auroc"), terms_mark) for n in concepts]
-                        + [cell(ours_avg.get("concepts_avg_auroc"), avg_mark("concepts_avg_auroc") or terms_mark)])]
+                        + [cell(ours_avg.get("concepts_avg_auroc"), terms_mark + avg_mark("concepts_avg_auroc"))])]
     lines += ["", "Table 2: SkinCAP cross-modal retrieval (recall@K, image->text and text->image)",
               f"{'':{width}} {head2}"]
     paper_recalls = [PAPER_MAKE["SkinCAP"][k] for k in recall_keys]
@@ -577,13 +602,14 @@ def tables(results: list[SetResult], label: str) -> str:
                  + " ".join([cell(ours("SkinCAP", k)) for k in recall_keys] + [cell(ours("SkinCAP", "mean_recall"))]))
     lines.append("")
     if own_terms:
-        lines.append(f"* make-dist's concept terms, not the authors': not comparable with the paper's row; "
-                     f"{how_to_get_authors_terms()}")
+        which = ", ".join("make-dist's own" if t == MAKE_DIST_TERMS else t for t in own_terms)
+        lines.append(f"* concept terms not the authors' file as released ({which}): not comparable with the "
+                     f"paper's row; {how_to_get_authors_terms()}")
     for key, count in partial.items():
         left_out = [n for n in AVERAGES[key] if n not in averaged_over(results)[key]]
         sets, of = count.split("/")
-        lines.append(f"+ {key}: the average of {sets} of the paper's {of} sets (without {', '.join(left_out)}): "
-                     f"not comparable with the paper's average")
+        lines.append(f"+ {AVERAGE_NAMES[key]}: the average of {sets} of the paper's {of} sets (without "
+                     f"{', '.join(left_out)}): not comparable with the paper's average")
     if own_terms or partial:
         lines.append("")
     for r in results:
@@ -620,8 +646,10 @@ def log_suite(run, results: list[SetResult], step: int = 0, prefix: str = "paper
     run.set_tags({k: v for r in results if r.status == "scored"
                   for k, v in count_tags(r.result, f"{prefix}/{metric_name(r.benchmark.name)}").items()})
     # What a number beside the paper's is made of: the concept terms, the sets behind each average.
-    run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/concept_terms": r.concept_terms for r in results
-                  if r.status == "scored" and r.concept_terms})
+    for r in results:
+        if r.status == "scored" and r.concept_terms:
+            run.set_tags({f"{prefix}/{metric_name(r.benchmark.name)}/concept_terms": r.concept_terms,
+                          f"{prefix}/{metric_name(r.benchmark.name)}/authors_terms": str(r.authors_terms).lower()})
     run.set_tags({f"{prefix}/{key}/sets": f"{len(sets)} of {len(AVERAGES[key])}"
                   for key, sets in averaged_over(results).items()})
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,24 @@ def init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
+def init_single_process(use_gpu: bool) -> None:
+    """A process group of one, as a launcher would set it up, for a trainer
+    run in this process alone (`make-dist train --no-ray`, bench/step.py, the
+    tests); nothing when this process has one already."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+    init_distributed(use_gpu)
+
+
 def precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision

@@ -26,7 +26,7 @@ from ..lease import Lease
 from ..progress import StepBar, say
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray, ray_job, ray_logs
-from .plan import WorkerPlan, run_worker
+from .plan import WorkerPlan
 
 
 @dataclass
@@ -93,11 +93,10 @@ def check_suite(ev: EvalConfig) -> EvalConfig:
         terms = paper.concept_terms(ev.suite_data, ev.concept_terms)
     except UserError as e:
         raise UserError(f"evaluation.concept_terms: {e}") from None
-    if terms.authors:
-        return replace(ev, concept_terms=terms.source)
-    say("evaluation.suite: SkinCon and Derm7pt are scored with make-dist's concept terms, not comparable with the "
-        "paper's row; " + paper.how_to_get_authors_terms("evaluation.concept_terms ="))
-    return ev
+    if not terms.authors:
+        say(f"evaluation.suite: SkinCon and Derm7pt are scored with {terms.describe()}, not comparable with the "
+            f"paper's row; " + paper.how_to_get_authors_terms("evaluation.concept_terms ="))
+    return ev if terms.source == paper.MAKE_DIST_TERMS else replace(ev, concept_terms=terms.source)
 
 
 def outside_ray_jobs_copy(key: str, given: str | None, resolved: str) -> None:
@@ -175,13 +174,14 @@ def _check_sqlite_writable(uri: str, path: str) -> None:
 
 
 def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None,
-        params: dict | None = None, quiet: bool = False, tags: dict | None = None) -> FitResult:
+        params: dict | None = None, quiet: bool = False, tags: dict | None = None, ray: bool = True) -> FitResult:
     """Train: check -> the run folder's lease -> Ray -> MLflow run -> Ray
     Train's fit -> curves and status. A sweep's trial passes its parent MLflow
     run, Tune's report callback and the sampled parameters (logged beside the
     config). quiet: a step bar on the terminal instead of the workers' lines
     (those go to Ray's logs). tags: on the MLflow run (the demo nests its
-    arms under its own run so)."""
+    arms under its own run so). ray=False: the Trainer in this process, one
+    worker, no Ray at all (`make-dist train --no-ray`)."""
     cfg = check(cfg)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     # Another run that takes the folder over (this driver seemed dead to it) stops this one: Ctrl-C's path.
@@ -189,8 +189,13 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
     in_main = threading.current_thread() is threading.main_thread()
     lease = Lease(run_dir, "make-dist training run", rename="give this run another train.name",
                   on_lost=(lambda reason: _thread.interrupt_main()) if in_main else None)
+    if not ray and cfg.train.workers != 1:
+        raise UserError(f"train.workers = {cfg.train.workers}: a run without Ray trains in this process alone "
+                        f"(one worker); set train.workers=1 or leave out --no-ray")
     with lease:
         try:
+            if not ray:
+                return _fit_here(cfg, run_dir, parent, params, tags)
             return _fit(cfg, run_dir, parent, callbacks, params, quiet, tags)
         except Interrupted:
             if lease.lost:
@@ -199,20 +204,55 @@ def fit(cfg: Config, *, parent: Run | None = None, callbacks: list | None = None
             raise
 
 
+def _open(cfg: Config, run_dir: str, parent: Run | None, params: dict | None, tags: dict | None,
+          quiet: bool) -> Run:
+    run = open_run(cfg, run_dir, parent=parent,
+                   params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}}, tags=tags)
+    if not quiet:
+        print(f"make-dist: MLflow run {run.id} at {run.uri}")
+        if run.uri.startswith("sqlite:"):
+            print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
+    return run
+
+
+def _fit_here(cfg: Config, run_dir: str, parent: Run | None, params: dict | None, tags: dict | None) -> FitResult:
+    """The Trainer in this process: a process group of one, the run folder's
+    checkpoints (train/checkpoints.RunFolder), the same MLflow run and export."""
+    import torch
+
+    from . import engine
+    from .checkpoints import RunFolder
+    from .trainer import Trainer
+
+    run = _open(cfg, run_dir, parent, params, tags, quiet=False)
+    logged_model = cfg.tracking.log_model and parent is None
+    try:
+        engine.init_single_process(cfg.train.use_gpu)
+        device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
+        folder = RunFolder(run_dir)
+        Trainer(cfg, 0, 1, device, resume_from=folder.checkpoints(), reporter=folder, run=run, run_dir=run_dir,
+                log_export=not logged_model).fit()
+    except (KeyboardInterrupt, SystemExit):
+        run.finish("KILLED")
+        raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
+                          f"again to resume from the last one") from None
+    except BaseException:
+        if parent is None:
+            run.finish("FAILED")
+        raise
+    return _finish(cfg, run, run_dir, folder.metrics, logged_model, quiet=False)
+
+
 def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, params: dict | None,
          quiet: bool, tags: dict | None) -> FitResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .ray_worker import run_worker
+
     init_ray(quiet)  # before the MLflow run: a cluster that cannot run workers leaves no run behind
     job, _ = ray_job()
-    run = open_run(cfg, run_dir, parent=parent,
-                   params={**cfg.flat(), **{f"trial.{k}": v for k, v in (params or {}).items()}},
-                   tags={**(tags or {}), **({RAY_JOB_TAG: job} if job else {})})
-    if not quiet:
-        print(f"make-dist: MLflow run {run.id} at {run.uri}")
-        if run.uri.startswith("sqlite:"):
-            print(f"make-dist: see it with  mlflow ui --backend-store-uri {run.uri}")
+    run = _open(cfg, run_dir, parent, params, {**(tags or {}), **({RAY_JOB_TAG: job} if job else {})}, quiet)
     logged_model = cfg.tracking.log_model and parent is None  # a sweep's trials leave their exports in storage only
     trainer = TorchTrainer(
         functools.partial(run_worker, WorkerPlan(cfg, run_dir, run, log_export=not logged_model)),
@@ -243,8 +283,12 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
         if said is not None:  # a worker's own words (data that makes no batch, a refused checkpoint): one line
             raise UserError(f"{said} (MLflow run {run.id}; Ray's logs: {ray_logs()})") from None
         raise
+    return _finish(cfg, run, run_dir, dict(result.metrics or {}), logged_model, quiet)
+
+
+def _finish(cfg: Config, run: Run, run_dir: str, metrics: dict, logged_model: bool, quiet: bool) -> FitResult:
+    """The run's curves as plots, its model logged (and registered), its status."""
     log_curves(run, cfg.train.name)
-    metrics = dict(result.metrics or {})
     if logged_model:
         from ..serving import log_model  # mlflow.pyfunc takes seconds to import: only where a model is logged
 

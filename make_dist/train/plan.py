@@ -1,7 +1,7 @@
-"""What the driver hands every Ray Train worker, and what a worker reports.
+"""What the driver hands every worker, and what a worker reports.
 
 The driver (`make-dist train`, a sweep's trial) imports this module, not the
-training loop: the loop's imports (the model's open_clip and torchvision,
+trainer: the trainer's imports (the model's open_clip and torchvision,
 DeepSpeed) load in the workers only, a couple of seconds less to start every
 run and every trial.
 """
@@ -24,15 +24,8 @@ class WorkerPlan:
     """What the driver hands every worker."""
 
     config: Config  # checked, paths absolute, steps resolved
-    run_dir: str  # train.storage/train.name: checkpoints (Ray Train's) and the exported model
+    run_dir: str  # train.storage/train.name: checkpoints and the exported model
     run: Run | None  # the MLflow run rank 0 logs into
     # The export also among the run's artifacts (model/): not when the driver logs it as a Logged Model,
     # which holds the weights itself (two full copies otherwise)
     log_export: bool = True
-
-
-def run_worker(plan: WorkerPlan) -> None:
-    """Ray Train's entry point on every worker: the training loop."""
-    from .loop import train_worker
-
-    train_worker(plan)
