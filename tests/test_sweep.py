@@ -8,7 +8,7 @@ import yaml
 
 from make_dist.errors import ConfigError, UserError
 from make_dist.sweep import (
-    SweepConfig, _check_same_settings, load_sweep, search_algorithm, search_space, summarize, trial_config,
+    SweepConfig, check_same_settings, load_sweep, search_algorithm, search_space, summarize, trial_config,
     trial_count,
 )
 
@@ -101,11 +101,11 @@ def test_summary_groups_seeds_into_rows_and_picks_the_best():
 
 def test_a_sweep_folder_resumes_only_the_same_settings(tmp_path, repo_root):
     sweep, base = load_sweep(write(tmp_path, repo_root), ["train.steps=200"])
-    _check_same_settings(sweep, base, str(tmp_path / "s"))  # first start: recorded
-    _check_same_settings(sweep, base, str(tmp_path / "s"))  # the same again: resumes
+    check_same_settings(sweep, base, str(tmp_path / "s"))  # first start: recorded
+    check_same_settings(sweep, base, str(tmp_path / "s"))  # the same again: resumes
     _, other = load_sweep(write(tmp_path, repo_root), ["train.steps=60"])
     with pytest.raises(UserError, match=r"base.train.steps: 200 then, 60 now.*--set sweep.name=NEW"):
-        _check_same_settings(sweep, other, str(tmp_path / "s"))
+        check_same_settings(sweep, other, str(tmp_path / "s"))
 
 
 def test_trial_config_applies_keys_and_sections(tmp_path, repo_root):

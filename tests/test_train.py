@@ -180,7 +180,7 @@ def test_a_sweeps_trial_that_fails_is_marked_by_its_sweep(tmp_path, shards, repo
     result for it (here the record Tune would give for this failed trial)."""
     from types import SimpleNamespace
 
-    from make_dist.sweep import SweepConfig, _trial_rows
+    from make_dist.sweep import SweepConfig, trial_records
     from make_dist.tracking import open_run
     from make_dist.train.launch import fit
 
@@ -196,7 +196,7 @@ def test_a_sweeps_trial_that_fails_is_marked_by_its_sweep(tmp_path, shards, repo
     assert trial.info.status == "RUNNING"  # left to the sweep
     failed = SimpleNamespace(metrics={"trial_id": "t1", "step": 1}, path=str(tmp_path / "tune/t1"),
                              error=RuntimeError("1 non-finite losses in a row"), config={"optim.lr": 1e8})
-    (row,) = _trial_rows([failed], SweepConfig(), cfg, parent.uri)
+    (row,) = trial_records([failed], SweepConfig(), cfg, parent.uri)
     assert row["status"] == "failed" and row["run_id"] == trial.info.run_id
     assert client.get_run(trial.info.run_id).info.status == "FAILED"
 
