@@ -116,7 +116,7 @@ def cmd_eval(args) -> int:
     table (--task, --table), or the paper's whole benchmark suite on the
     authors' data folder (--suite paper --data DIR): Table 1 and Table 2."""
     from .config import ModelConfig
-    from .evaluate.report import log_results, table, write_json
+    from .evaluate.evaluation import Evaluation
     from .files import write_atomic
     from .model import build_model, tokenizer
     from .tracking import Run, tracking_uri
@@ -131,52 +131,35 @@ def cmd_eval(args) -> int:
                             f"epoch_15.pt, loaded into {PAPER_ARCHITECTURE}) or --model (an exported or "
                             f"downloaded model folder, e.g. the authors' MAKE from Hugging Face)")
         args.model = args.model or PAPER_ARCHITECTURE
-        from .evaluate import paper
-
-        paper.check_data(args.data)  # a wrong folder fails before the model loads
-        paper.find_concept_terms(args.data, args.concept_terms)  # and so does a wrong terms option
+        evaluation = Evaluation(suite_data=args.data, concept_terms=args.concept_terms, batch_size=args.batch_size)
     elif not (args.task and args.table and args.model):
         raise UserError("give --model, --task and --table (one table), or --suite paper --data DIR "
                         "(the paper's sets)")
-    model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
-    model = build_model(model_cfg)
-    if args.suite:
-        results = paper.run_suite(model, tokenizer(model_cfg), args.data, args.concept_terms, args.batch_size)
-        print(paper.tables(results, args.model))
-        report = paper.to_json(results)
     else:
-        from .evaluate.tasks import run_task
-
-        results = [run_task(args.task, model, tokenizer(model_cfg), args.table, args.images_root, args.classes,
-                            args.images_anywhere)]
-        print(table({args.model: results}))
-        for r in results:
-            if r.skipped:
-                print(f"{r.task}: skipped {len(r.skipped)} rows, first: row {r.skipped[0]['row']} "
-                      f"{r.skipped[0]['image']}: {r.skipped[0]['reason']}")
+        if args.task == "classify" and not args.classes:
+            raise UserError("classify needs a class list (--classes YAML)")
+        evaluation = Evaluation({args.task: args.table}, args.classes, args.images_root, args.images_anywhere,
+                                batch_size=args.batch_size)
+    evaluation = evaluation.check(config_keys=False)  # a wrong folder or file fails before the model loads
+    model_cfg = ModelConfig(name=args.model, pretrained=args.weights)
+    results = evaluation.run(build_model(model_cfg), tokenizer(model_cfg))
+    print(results.printout(args.model))
     if args.out:
-        if args.suite:
-            write_atomic(args.out, json.dumps(report, indent=1))
-        else:
-            write_json(args.out, {args.model: results})
+        write_atomic(args.out, json.dumps(results.to_json(args.model), indent=1))
         print(f"results written to {args.out}")
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri)
         name = f"{args.suite or args.task} {args.model}"
         run = Run(uri, args.run_id) if args.run_id else Run.create(uri, "make-dist-eval", name)
         if args.suite:
-            terms = {r.concept_terms for r in results if r.concept_terms}
             run.log_params({"suite": args.suite, "data": args.data, "model": args.model,
-                            "weights": args.weights or "", "concept_terms": ", ".join(sorted(terms)) or "(none)"})
-            paper.log_suite(run, results)
-        else:
-            log_results(run, results)
+                            "weights": args.weights or "", "concept_terms": results.concept_terms()})
+        results.log(run, prefix="" if args.suite else "eval")
         if not args.run_id:
             run.finish()
         print(f"MLflow run {run.id}")
-    failed = [r.benchmark.name for r in results if r.status == "error"] if args.suite else []
-    if failed:
-        print(f"make-dist: stopped by an error: {', '.join(failed)} (see above)", file=sys.stderr)
+    if results.failed():
+        print(f"make-dist: stopped by an error: {', '.join(results.failed())} (see above)", file=sys.stderr)
         return 1
     return 0
 

@@ -11,11 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..prompts import CONCEPT_TEMPLATE, DISEASE_TEMPLATE
 from ..slots import DEFAULT_K, n_slots
 from ..typed import build_section, read_yaml
-
-DISEASE_TEMPLATE = "This is a skin photo diagnosed as {}."
-CONCEPT_TEMPLATE = "This skin photo shows {}."
 
 # A sentence ends at . ! ? ; followed by whitespace or the end of the caption.
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..data.shards import table_rows
 from ..errors import UserError
 from ..files import within
+from ..prompts import CONCEPT_PAIRS, SKIN_TEMPLATES
 from . import metrics
 from .report import COUNTS, count_tags, plots
 from .tasks import (
@@ -55,28 +56,8 @@ from .tasks import (
 
 SUITES = ("paper",)
 
-# The paper's classification prompts (the authors' OPENAI_SKIN_TEMPLATES), one list for all four sets.
-SKIN_TEMPLATES = (
-    "This is a skin image of {}",
-    "This is a skin image of {}.",
-    "A skin image of {}.",
-    "An image of {}, a skin condition.",
-    "{}, a skin disorder, is shown in this image.",
-    "The skin lesion depicted is {}.",
-    "The skin cancer in this image is {}.",
-    "This image depicts {}, a type of skin cancer.",
-)
 CLASSIFY_SCALE = 100.0  # the authors' fixed logit scale for class probabilities
 
-# MONET's concept score: (template filled with each term of the concept, reference without it).
-CONCEPT_PAIRS = (
-    ("This is skin image of {}", "This is skin image"),
-    ("This is dermatology image of {}", "This is dermatology image"),
-    ("This is image of {}", "This is image"),
-    ("A skin image of {}", "A skin image"),
-    ("An image of {}, a skin condition.", "An image of a skin condition."),
-    ("{}, a skin disorder, is shown in this image.", "a skin disorder is shown in this image."),
-)
 CONCEPT_SCALE = math.exp(4.5944)  # MONET's softmax temperature, 1 / exp(4.5944)
 
 

@@ -20,10 +20,10 @@ from ..data.shards import table_rows
 from ..data.stream import image_transform
 from ..errors import UserError
 from ..files import OutsideRoot, image_location, open_image, read_bytes
+from ..prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
 from ..tokens import token_lengths
 from ..typed import read_yaml
 from . import metrics
-from .prompts import CLASS_TEMPLATES, CONCEPT_TEMPLATES
 
 RECALL_KS = (10, 50, 100)
 # The metrics each task reports as `eval/<task>/<name>` during training (what a sweep can optimise).

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config import FOLDER_NAME_RULE, apply_override, from_dict, is_folder_name, load_config
 from ..errors import ConfigError
+from ..evaluate.evaluation import Evaluation
 from ..evaluate.tasks import REPORTED
 from ..typed import build_section, read_yaml
 
@@ -109,18 +110,17 @@ def _check_metric(sweep: SweepConfig, cfg, path: Path) -> None:
     (eval/paper/<average> or eval/paper/<set>/<metric>); ASHA needs it before the last step."""
     if sweep.metric == "loss/total":
         return
-    parts = sweep.metric.split("/")
-    if parts[:2] == ["eval", "paper"]:
-        if not cfg.evaluation.suite:
+    evaluation = Evaluation.from_config(cfg.evaluation)
+    if not evaluation.reports(sweep.metric.removeprefix("eval/")) or not sweep.metric.startswith("eval/"):
+        parts = sweep.metric.split("/")
+        if parts[:2] == ["eval", "paper"]:
             raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config runs no suite "
                               f"(set evaluation.suite = paper and evaluation.suite_data)")
-    else:
-        names = ", ".join(["loss/total"] + [f"eval/{t}/{m}" for t in cfg.evaluation.tables() for m in REPORTED[t]])
-        if len(parts) != 3 or parts[0] != "eval" or parts[1] not in REPORTED or parts[2] not in REPORTED[parts[1]]:
-            raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: no trial reports it (reported: {names})")
-        if parts[1] not in cfg.evaluation.tables():
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in REPORTED.get(parts[1], ()):
             raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config evaluates no {parts[1]!r} "
                               f"table (set evaluation.{parts[1]}_table)")
+        names = ", ".join(["loss/total"] + [f"eval/{name}" for name in evaluation.metric_names()])
+        raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: no trial reports it (reported: {names})")
     if sweep.scheduler == "asha" and not cfg.evaluation.every_steps:
         raise ConfigError(f"{path}: sweep.scheduler = asha compares trials on {sweep.metric} before their end, "
                           f"but evaluation.every_steps = 0 evaluates only after the last step: set it")

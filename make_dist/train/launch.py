@@ -16,14 +16,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
 
-from ..config import Config, EvalConfig
+from ..config import Config
 from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
-from ..evaluate import paper
+from ..evaluate.evaluation import Evaluation
 from ..files import check_writable, exists, missing_files, within
 from ..lease import Lease
-from ..progress import StepBar, say
+from ..progress import StepBar
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
 from .cluster import init_ray, ray_job, ray_logs
 from .plan import WorkerPlan
@@ -58,14 +58,10 @@ def check(cfg: Config) -> Config:
                   evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
                                             ("classify_table", "classes", "concepts_table", "retrieval_table",
                                              "images_root", "suite_data", "concept_terms") if getattr(ev, k)}))
-    for key in ("classify_table", "classes", "concepts_table", "retrieval_table", "suite_data", "concept_terms"):
-        path = getattr(cfg.evaluation, key)
-        if key == "suite_data" and cfg.evaluation.suite:
-            continue  # paper.check_data below says more than "does not exist"
-        if path and not exists(path, f"evaluation.{key}"):
-            raise UserError(f"evaluation.{key}: {path} does not exist")
-    if cfg.evaluation.suite:
-        cfg = replace(cfg, evaluation=check_suite(cfg.evaluation))
+    if cfg.evaluation.images_root and not exists(cfg.evaluation.images_root, "evaluation.images_root"):
+        raise UserError(f"evaluation.images_root: {cfg.evaluation.images_root} does not exist")
+    checked = Evaluation.from_config(cfg.evaluation).check()  # the suite's terms resolved for every worker
+    cfg = replace(cfg, evaluation=replace(cfg.evaluation, concept_terms=checked.concept_terms))
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
     missing = missing_files([u for u in urls if not u.startswith("pipe:")], "data.train_shards")
     if missing:  # found now, not by a loader worker mid-run (or never, when shards are drawn at random)
@@ -79,24 +75,6 @@ def check(cfg: Config) -> Config:
     if cfg.train.use_gpu and cfg.train.zero_stage == 0 and cfg.train.precision == "fp16":
         raise UserError("train.precision = fp16 needs a ZeRO stage >= 1 with DeepSpeed's loss scaling")
     return cfg
-
-
-def check_suite(ev: EvalConfig) -> EvalConfig:
-    """The suite's data folder and concept terms, checked; the terms file
-    found (the authors', beside their data/) named for every worker, or a
-    note that make-dist's own terms make the concept sets incomparable."""
-    try:
-        paper.check_data(ev.suite_data)
-    except UserError as e:
-        raise UserError(f"evaluation.suite_data: {e}") from None
-    try:
-        terms = paper.concept_terms(ev.suite_data, ev.concept_terms)
-    except UserError as e:
-        raise UserError(f"evaluation.concept_terms: {e}") from None
-    if not terms.authors:
-        say(f"evaluation.suite: SkinCon and Derm7pt are scored with {terms.describe()}, not comparable with the "
-            f"paper's row; " + paper.how_to_get_authors_terms("evaluation.concept_terms ="))
-    return ev if terms.source == paper.MAKE_DIST_TERMS else replace(ev, concept_terms=terms.source)
 
 
 def outside_ray_jobs_copy(key: str, given: str | None, resolved: str) -> None:

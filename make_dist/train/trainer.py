@@ -28,9 +28,7 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..data.stream import Batch, make_loader
-from ..evaluate import paper
-from ..evaluate.report import COUNTS, log_results
-from ..evaluate.tasks import run_task
+from ..evaluate.evaluation import Evaluation
 from ..files import atomic_writer
 from ..model import EXPORT_CONFIG, EXPORT_WEIGHTS, build_model, export_open_clip, tokenizer
 from ..objective import MakeLoss
@@ -67,6 +65,7 @@ class Trainer:
         self.model = build_model(cfg.model, text_batching=cfg.text_batching())
         self.engine = ds.build_engine(self.model, cfg, world)
         self.loss = MakeLoss.from_config(cfg.loss)
+        self.evaluation = Evaluation.from_config(cfg.evaluation)  # checked by the driver
         self.start_step = self.nonfinite_total = self.samples_seen = 0
         # Steps up to these are in the MLflow run already (a run resumed after a crash replays them):
         self.logged_through = self.evaluated_through = 0  # the step metrics; the held-out evaluations
@@ -156,30 +155,16 @@ class Trainer:
         Rank 0 evaluates while the others wait; under ZeRO-3 every rank runs the
         same forward passes inside a parameter gather, and rank 0 logs.
         """
-        ev = self.cfg.evaluation
         flat = {}
         if self.rank == 0 or self.cfg.zero3:
-            tok = tokenizer(self.cfg.model)
             with ds.full_parameters(self.model, self.cfg):
-                results = [run_task(task, self.model, tok, table, ev.images_root, ev.classes, ev.images_anywhere)
-                           for task, table in ev.tables().items()]
-                suite = (paper.run_suite(self.model, tok, ev.suite_data, ev.concept_terms, say=lambda _: None)
-                         if ev.suite else [])
+                results = self.evaluation.run(self.model, tokenizer(self.cfg.model), say=None)
             self.model.train()
             if self.rank == 0:
-                summary = "  ".join(f"{r.task} " + " ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()
-                                                           if "/" not in k and k not in COUNTS) for r in results)
-                summary += "  ".join(f"  paper {k} {v:.3f}" for k, v in paper.averages(suite).items())
-                notes = paper.caveats(suite)  # not the paper's protocol to the letter: said beside the numbers
-                summary += f" ({'; '.join(notes)})" if notes else ""
-                say(f"step {step}: evaluation: {summary.strip()}")
-                logged = self.run is not None and step > self.evaluated_through
-                if logged and results:
-                    log_results(self.run, results, step)
-                if logged and suite:
-                    paper.log_suite(self.run, suite, step, prefix="eval/paper")
-                flat = {f"eval/{r.task}/{k}": v for r in results for k, v in r.metrics.items() if "/" not in k}
-                flat.update(paper.flat_metrics(suite, "eval/paper"))
+                say(f"step {step}: evaluation: {results.summary()}")
+                if self.run is not None and step > self.evaluated_through:
+                    results.log(self.run, step, "eval")
+                flat = results.flat("eval")
         distributed.barrier()
         return flat
 
@@ -217,7 +202,7 @@ class Trainer:
                 self.logged_through, self.evaluated_through = run.last_step("loss/total"), run.last_step("eval/")
         step, nonfinite_run = self.start_step, 0
         if step >= cfg.train.steps:  # resumed a finished run (a sweep trial restarted, say): report, export
-            held_out = self.evaluate(step) if cfg.evaluation.enabled() else {}
+            held_out = self.evaluate(step) if self.evaluation else {}
             self.save({"step": step, **held_out}, checkpoint=False)
             self.export()
             return
@@ -255,7 +240,7 @@ class Trainer:
                                distributed.sum_detached(skipped.to(self.device)).tolist())),
                 })
             every = cfg.evaluation.every_steps
-            evaluated = cfg.evaluation.enabled() and bool((every and step % every == 0) or step == cfg.train.steps)
+            evaluated = bool(self.evaluation) and bool((every and step % every == 0) or step == cfg.train.steps)
             held_out = self.evaluate(step) if evaluated else {}
             checkpoint = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
             if checkpoint or evaluated:  # what the launcher (and a sweep's scheduler) sees; this step's only
