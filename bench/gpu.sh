@@ -19,6 +19,10 @@ export PYTHONUNBUFFERED=1
 ls wheelhouse/*.whl >/dev/null 2>&1 || { echo "no wheelhouse/: build it with 'make wheelhouse' and bring it along"; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheelhouse/*.whl \
   && export PYTHONPATH=/tmp/site || { echo "installing wheelhouse/ failed"; exit 1; }
+# This checkout's make-dist over the wheelhouse's (as built when `make wheelhouse` last ran), so
+# the code timed is the code here; the folder kernels/ installs as make_dist_kernels (pyproject.toml).
+rm -rf /tmp/site/make_dist /tmp/site/make_dist_kernels && cp -r make_dist /tmp/site/make_dist \
+  && cp -r kernels /tmp/site/make_dist_kernels || { echo "copying this checkout into /tmp/site failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 echo "cores: $(nproc)" | tee -a "$out/gpu.txt"
 timeout "${KERNELS_TIMEOUT:-180}" python3 bench/kernels.py --out "$out/kernels.md" 2>&1 | tee "$out/kernels.log"

@@ -9,7 +9,7 @@ CPU smoke run of the same code under Triton's interpreter (tiny sizes):
     TRITON_INTERPRET=1 .venv/bin/python bench/kernels.py --small
 
 Any machine, no GPU: what each kernel build (every shipped configuration) costs on sm_80 and sm_90
-(registers, spills, shared memory; kernels/build.py):
+(registers, spills, shared memory; kernels/build.py, installed as make_dist_kernels):
 
     .venv/bin/python bench/kernels.py --compile-only --json resources.json
     .venv/bin/python bench/kernels.py --compile-only --wide       # the 64-bit builds
@@ -39,16 +39,11 @@ import statistics
 import sys
 import time
 
-# This file shares its name with the top-level `kernels` package: take its own
-# folder off the import path and put the repository root on it instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from make_dist import objective  # noqa: E402
-from make_dist.objective import Columns, aspect_weights, contrastive_numerators  # noqa: E402
+from make_dist import objective
+from make_dist.objective import Columns, aspect_weights, contrastive_numerators
 
 
 def realistic_mask(B: int, N: int, g: torch.Generator) -> torch.Tensor:
@@ -151,7 +146,7 @@ def config_label(config: dict) -> str:
 def _compile_one(job: tuple[int, str, bool, int]) -> dict:
     """Compile build `index` of (target, input type, 64-bit offsets): a worker's job
     (a build itself does not pickle: each worker lists the builds again)."""
-    from kernels.build import all_builds, resources
+    from make_dist_kernels.build import all_builds, resources
 
     arch, dtype, wide, index = job
     _, _, build = all_builds(arch, dtypes=(dtype,), wide=wide)[index]
@@ -166,7 +161,7 @@ def compile_table(builds: list[tuple[int, str]], json_path: str | None, out: str
     import json
     import multiprocessing
 
-    from kernels.build import all_builds
+    from make_dist_kernels.build import all_builds
 
     jobs = [(arch, dtype, wide, i) for arch, dtype in builds
             for i in range(len(all_builds(arch, dtypes=(dtype,), wide=wide)))]
@@ -245,7 +240,7 @@ def main() -> None:
     if args.compile_only:
         return compile_table([(int(b.split(":")[0]), b.split(":")[1]) for b in args.builds.split(",")],
                              args.json, args.out, wide=args.wide)
-    import kernels
+    import make_dist_kernels as kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.small:
@@ -304,7 +299,7 @@ def main() -> None:
               f"| speed-up | {t_pool_dense / t_pool:.1f}x | |"]
 
     # 4. what the autotuner chose for each kernel and shape (kernels/tuning.py)
-    from kernels import contrastive, pooling
+    from make_dist_kernels import contrastive, pooling
 
     lines += ["", "Configurations the autotuner chose (kernel: target, padded D, shape key -> config):"]
     for tuned in [*contrastive.FORWARD.values(), *contrastive.ROWS.values(), *contrastive.COLS.values(),
@@ -335,7 +330,7 @@ def past_int32(D: int, P: int, tail: int = 4096, device: str = "cuda", elements:
     the dense path in float32 on what lies past 2^31 (all of the log-sum-exps and
     row gradients, the last `tail` columns' gradients, the last 8 images).
     device, elements: a smaller dry run (elements in place of 2^31, wide forced)."""
-    import kernels
+    import make_dist_kernels as kernels
 
     g = torch.Generator(device=device).manual_seed(5)
     unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g, device=device), dim=-1).bfloat16()  # noqa: E731

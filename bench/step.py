@@ -46,10 +46,7 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-# The repository root first, and this folder off the path: bench/kernels.py
-# would otherwise shadow the top-level `kernels` package (the Triton kernels).
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/
 
 import torch  # noqa: E402
 

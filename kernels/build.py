@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import contrastive, pooling
+from . import contrastive, pooling, tuning
 
 # Shared memory one block may use (opt-in maximum), by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -43,7 +43,7 @@ def all_builds(arch: int, D: int = 512, dtypes: tuple[str, ...] = ("bf16", "fp32
 
 def resources(build: tuple, arch: int) -> dict:
     """Compile one build for sm_<arch>; its registers, spills and shared memory."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if tuning.INTERPRETED:
         raise RuntimeError("kernels/build.py compiles real kernels: run it without TRITON_INTERPRET=1")
     fn, signature, constants, options = build
     compiled = triton.compile(ASTSource(fn, {**signature, **{k: "constexpr" for k in constants}}, constants),

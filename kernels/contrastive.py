@@ -297,7 +297,7 @@ def _half(dtype: torch.dtype) -> bool:
 def flags(dtype: torch.dtype, has_valid: bool, D: int, wide: bool = False) -> dict:
     """The constants every kernel takes besides its configuration. wide: 64-bit
     offsets (some tensor of the launch has 2^31 elements or more)."""
-    return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=tuning.INTERPRET,
+    return dict(HAS_VALID=has_valid, IEEE=dtype == torch.float32, UPCAST=tuning.INTERPRETED,
                 BLOCK_D=tuning.block_d(D), WIDE=wide)
 
 
@@ -323,21 +323,22 @@ def builds(dtype: torch.dtype, D: int, arch: int, has_valid: bool = True, wide: 
     return out
 
 
-def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=None, wide=None):
+def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=None, wide=None,
+                options=tuning.DEFAULT):
     """(R,) log-sum-exp of each row. config: a shipped configuration's index
     (default: the autotuner's choice); n_splits: cut the columns into at most
     that many chunks (default: tuning.splits); wide: 64-bit offsets (default:
-    when a tensor has 2^31 elements or more)."""
+    when a tensor has 2^31 elements or more); options: tuning.Options."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
     (R, D), NC = rows.shape, cols.shape[0]
     out = torch.empty(R, device=rows.device, dtype=torch.float32) if out is None else out
     if R == 0:  # a rank without samples: nothing to launch
         return out
-    n, length = tuning.splits(R, NC, rows.device, n=n_splits)
-    part = out[None] if n == 1 else tuning.partials(n, R, device=rows.device)
+    n, length = tuning.splits(R, NC, rows.device, n=n_splits, align=options.align)
+    part = out[None] if n == 1 else tuning.partials(n, R, device=rows.device, options=options)
     dummy = valid if valid is not None else out  # never read when HAS_VALID is False
     FORWARD[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n), rows, cols, dummy, part, scale,
-                               R, NC, D, length, device=rows.device, config=config,
+                               R, NC, D, length, device=rows.device, config=config, options=options,
                                **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols)))
     if n > 1:
         torch.logsumexp(part, 0, out=out)
@@ -345,9 +346,9 @@ def lse_forward(rows, cols, col_valid, scale, out=None, config=None, n_splits=No
 
 
 def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=None, config=None, n_splits=None,
-                 wide=None):
+                 wide=None, options=tuning.DEFAULT):
     """Gradients of sum_r grad_r lse_r: (d_rows, d_cols, d_scale). config,
-    n_splits and wide as lse_forward (for both kernels)."""
+    n_splits, wide and options as lse_forward (for both kernels)."""
     rows, cols, valid = _prepare(rows, cols, col_valid)
     (R, D), NC = rows.shape, cols.shape[0]
     grad = grad.float().contiguous()
@@ -355,20 +356,20 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
     d_cols = torch.empty_like(cols) if d_cols is None else d_cols
     if R == 0 or NC == 0:  # no row or no column: every gradient is 0
         return d_rows.zero_(), d_cols.zero_(), torch.zeros((), device=rows.device)
-    common = dict(device=rows.device, config=config)
+    common = dict(device=rows.device, config=config, options=options)
     dummy = valid if valid is not None else lse
     # Row gradients (and the scale's, per row): the columns cut into chunks.
-    n, length = tuning.splits(R, NC, rows.device, n=n_splits)
-    dx = d_rows[None] if n == 1 else tuning.partials(n, R, D, device=rows.device)
-    ds = tuning.partials(n, R, device=rows.device)
+    n, length = tuning.splits(R, NC, rows.device, n=n_splits, align=options.align)
+    dx = d_rows[None] if n == 1 else tuning.partials(n, R, D, device=rows.device, options=options)
+    ds = tuning.partials(n, R, device=rows.device, options=options)
     ROWS[_half(rows.dtype)](lambda m: (triton.cdiv(R, m["BLOCK_R"]), n, triton.cdiv(D, m["BLOCK_DO"])),
                             rows, cols, dummy, lse, grad, dx, ds, scale, R, NC, D, length, **common,
                             **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols, dx)))
     if n > 1:
         d_rows.copy_(dx.sum(0))
     # Column gradients: the rows cut into chunks.
-    n, length = tuning.splits(NC, R, rows.device, n=n_splits)
-    dc = d_cols[None] if n == 1 else tuning.partials(n, NC, D, device=rows.device)
+    n, length = tuning.splits(NC, R, rows.device, n=n_splits, align=options.align)
+    dc = d_cols[None] if n == 1 else tuning.partials(n, NC, D, device=rows.device, options=options)
     COLS[_half(rows.dtype)](lambda m: (triton.cdiv(NC, m["BLOCK_C"]), n, triton.cdiv(D, m["BLOCK_DO"])),
                             rows, cols, dummy, lse, grad, dc, scale, R, NC, D, length, **common,
                             **flags(rows.dtype, valid is not None, D, tuning.wide(wide, rows, cols, dc)))
@@ -379,25 +380,27 @@ def lse_backward(rows, cols, col_valid, scale, lse, grad, d_rows=None, d_cols=No
 
 class ColumnLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, cols, col_valid, scale):
+    def forward(ctx, rows, cols, col_valid, scale, options):
         scale32 = scale.detach().float().reshape(1).contiguous()
-        lse = lse_forward(rows, cols, col_valid, scale32)
+        lse = lse_forward(rows, cols, col_valid, scale32, options=options)
         ctx.save_for_backward(rows, cols, col_valid if col_valid is not None else lse.new_empty(0), scale32, lse)
-        ctx.has_valid = col_valid is not None
+        ctx.has_valid, ctx.options = col_valid is not None, options
         ctx.scale_shape, ctx.dtypes = scale.shape, (rows.dtype, cols.dtype, scale.dtype)
         return lse  # float32 whatever the inputs: a bf16 log-sum-exp would lose the loss
 
     @staticmethod
     def backward(ctx, grad):
         rows, cols, valid, scale32, lse = ctx.saved_tensors
-        d_rows, d_cols, d_scale = lse_backward(rows, cols, valid if ctx.has_valid else None, scale32, lse, grad)
+        d_rows, d_cols, d_scale = lse_backward(rows, cols, valid if ctx.has_valid else None, scale32, lse, grad,
+                                               options=ctx.options)
         # computed in the wider type (float32 for float64): hand back gradients of their own types
         rows_dtype, cols_dtype, scale_dtype = ctx.dtypes
         return (d_rows.to(rows_dtype), d_cols.to(cols_dtype), None,
-                d_scale.to(scale_dtype).reshape(ctx.scale_shape))
+                d_scale.to(scale_dtype).reshape(ctx.scale_shape), None)
 
 
 def column_logsumexp(rows: torch.Tensor, cols: torch.Tensor, col_valid: torch.Tensor | None,
-                     scale: torch.Tensor) -> torch.Tensor:
-    """(R,) log-sum-exp of scale * rows @ cols.T over valid columns, fused."""
-    return ColumnLogSumExp.apply(rows, cols, col_valid, scale)
+                     scale: torch.Tensor, *, options: tuning.Options = tuning.DEFAULT) -> torch.Tensor:
+    """(R,) log-sum-exp of scale * rows @ cols.T over valid columns, fused
+    (options: how the kernels launch, tuning.Options)."""
+    return ColumnLogSumExp.apply(rows, cols, col_valid, scale, options)

@@ -91,8 +91,8 @@ BACKWARD = tuning.Tuned(_pool_backward, {80: BACKWARD_80, 90: BACKWARD_90}, ["P"
 MIN_SPLIT = 64  # patches per chunk at least (an image has 196 at ViT-B/16, 224 px)
 
 
-def _splits(B: int, P: int, device, n_splits):
-    return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT, n=n_splits)
+def _splits(B: int, P: int, device, n_splits, options: tuning.Options):
+    return tuning.splits(B, P, device, block=1, min_split=MIN_SPLIT, n=n_splits, align=options.align)
 
 
 def builds(dtype: torch.dtype, D: int, arch: int, wide: bool = False) -> list[tuple]:
@@ -110,24 +110,25 @@ def builds(dtype: torch.dtype, D: int, arch: int, wide: bool = False) -> list[tu
     return out
 
 
-def pool_forward(patches, text, sigma: float, config=None, n_splits=None, wide=None):
+def pool_forward(patches, text, sigma: float, config=None, n_splits=None, wide=None, options=tuning.DEFAULT):
     """(e, |u|): the knowledge embeddings (B, D) float32 and the pooled sums' norms (B,).
-    wide: 64-bit offsets (default: when the patches have 2^31 elements or more)."""
+    wide: 64-bit offsets (default: when the patches have 2^31 elements or more);
+    options: tuning.Options."""
     B, P, D = patches.shape
     if B == 0:  # a rank without samples: nothing to launch
         return patches.new_zeros(0, D, dtype=torch.float32), patches.new_zeros(0, dtype=torch.float32)
-    n, length = _splits(B, P, patches.device, n_splits)
-    u = tuning.partials(n, B, D, device=patches.device)
+    n, length = _splits(B, P, patches.device, n_splits, options)
+    u = tuning.partials(n, B, D, device=patches.device, options=options)
     FORWARD(lambda m: (B, n), patches, text, u, B, P, D, length, float(sigma), device=patches.device,
-            config=config, BLOCK_D=tuning.block_d(D), WIDE=tuning.wide(wide, patches))
+            config=config, options=options, BLOCK_D=tuning.block_d(D), WIDE=tuning.wide(wide, patches))
     u = u.sum(0)
     norm = u.norm(dim=1)
     return u / norm.clamp_min(EPS)[:, None], norm
 
 
 def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, config=None, n_splits=None,
-                  wide=None):
-    """(d_patches, d_text) from the upstream gradient of e (wide: as pool_forward)."""
+                  wide=None, options=tuning.DEFAULT):
+    """(d_patches, d_text) from the upstream gradient of e (wide, options: as pool_forward)."""
     B, P, D = patches.shape
     d_patches = torch.empty_like(patches) if d_patches is None else d_patches
     if B == 0:
@@ -136,32 +137,35 @@ def pool_backward(patches, text, sigma: float, e, norm, grad_e, d_patches=None, 
     # Through e = u / max(|u|, eps): the clamp passes no gradient to |u|.
     du = torch.where((norm > EPS)[:, None], (de - e * (e * de).sum(1, keepdim=True)) / norm.clamp_min(EPS)[:, None],
                      de / EPS).contiguous()
-    n, length = _splits(B, P, patches.device, n_splits)
-    dt = tuning.partials(n, B, D, device=patches.device)
+    n, length = _splits(B, P, patches.device, n_splits, options)
+    dt = tuning.partials(n, B, D, device=patches.device, options=options)
     BACKWARD(lambda m: (B, n), patches, text, du, d_patches, dt, B, P, D, length, float(sigma),
-             device=patches.device, config=config, BLOCK_D=tuning.block_d(D), WIDE=tuning.wide(wide, patches))
+             device=patches.device, config=config, options=options, BLOCK_D=tuning.block_d(D),
+             WIDE=tuning.wide(wide, patches))
     return d_patches, dt.sum(0).to(text.dtype)
 
 
 class KnowledgePool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, patches, text, sigma):
+    def forward(ctx, patches, text, sigma, options):
         ctx.dtypes = (patches.dtype, text.dtype)
         if patches.dtype == torch.float64:  # the kernels compute in float32
             patches, text = patches.float(), text.float()
         patches, text = patches.contiguous(), text.to(patches.dtype).contiguous()
-        e, norm = pool_forward(patches, text, sigma)
+        e, norm = pool_forward(patches, text, sigma, options=options)
         ctx.save_for_backward(patches, text, e, norm)
-        ctx.sigma = sigma
+        ctx.sigma, ctx.options = sigma, options
         return e
 
     @staticmethod
     def backward(ctx, grad_e):
         patches, text, e, norm = ctx.saved_tensors
-        d_patches, d_text = pool_backward(patches, text, ctx.sigma, e, norm, grad_e)
-        return d_patches.to(ctx.dtypes[0]), d_text.to(ctx.dtypes[1]), None
+        d_patches, d_text = pool_backward(patches, text, ctx.sigma, e, norm, grad_e, options=ctx.options)
+        return d_patches.to(ctx.dtypes[0]), d_text.to(ctx.dtypes[1]), None, None
 
 
-def knowledge_embedding(patches: torch.Tensor, raw_text: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
-    """e_b (B, D), float32, fused: see make_dist.objective.knowledge_embedding."""
-    return KnowledgePool.apply(patches, raw_text, sigma)
+def knowledge_embedding(patches: torch.Tensor, raw_text: torch.Tensor, sigma: float = 0.0, *,
+                        options: tuning.Options = tuning.DEFAULT) -> torch.Tensor:
+    """e_b (B, D), float32, fused: see make_dist.objective.knowledge_embedding
+    (options: how the kernels launch, tuning.Options)."""
+    return KnowledgePool.apply(patches, raw_text, sigma, options)

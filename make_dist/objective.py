@@ -207,14 +207,15 @@ def _ops(backend: str, like: torch.Tensor):
         return _TorchOps
     if not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("MakeLoss: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
-    import kernels  # only when asked for: importing it builds the kernels for the interpreter or the GPU
+    import make_dist_kernels  # only when asked for: importing it builds the kernels for the interpreter or the GPU
 
-    return kernels
+    return make_dist_kernels
 
 
 def _triton_ok() -> bool:
+    """Whether make-dist's kernels (kernels/, installed as make_dist_kernels) import here."""
     try:
-        import kernels  # noqa: F401
+        import make_dist_kernels  # noqa: F401
     except ImportError:
         return False
     return True

@@ -19,6 +19,7 @@ compiles its ops on the host, at first use).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,10 @@ def trim_wheel(src: Path, dst: Path, drop: tuple[str, ...] = RAY_DROPS) -> None:
 
 
 def build_own_wheel(out: Path) -> Path:
-    """make-dist's own wheel (the package and the kernels) into `out`."""
+    """make-dist's own wheel (make_dist and the kernels, as make_dist_kernels) into `out`.
+    setuptools packs whatever its build/ folder holds: a package an earlier build
+    left there (the kernels' former top-level name `kernels`) would ship too."""
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT))
     (wheel,) = sorted(out.glob("make_dist-*.whl"))
     return wheel

@@ -2,7 +2,8 @@
 
 On a machine without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py)
 on CPU tensors, at small sizes. Inputs are drawn fresh per case; outputs are
-poisoned with NaN before each launch to prove every element is written.
+poisoned with NaN before each launch (and partial sums, through the launch
+option `poison`) to prove every element is written.
 """
 
 
@@ -11,11 +12,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels
-from kernels import contrastive, pooling, tuning
-from kernels.contrastive import _prepare, flags, lse_backward, lse_forward
-from kernels.pooling import pool_backward, pool_forward
+import make_dist_kernels as kernels
 from make_dist import objective
+from make_dist_kernels import contrastive, pooling, tuning
+from make_dist_kernels.contrastive import _prepare, flags, lse_backward, lse_forward
+from make_dist_kernels.pooling import pool_backward, pool_forward
 from tests.test_objective import random_inputs, with_missing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,24 +71,26 @@ def test_column_lse_matches_dense(rows, ranks, block_rows, with_valid, seed):
         assert torch.equal(grads[1][~valid], torch.zeros_like(grads[1][~valid]))
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Partial-sum buffers start as NaN: an element no program writes shows."""
-    monkeypatch.setattr(tuning, "POISON", True)
+# Partial-sum buffers start as NaN: an element no program writes shows.
+POISONED = tuning.Options(poison=True)
 
 
-def test_column_lse_writes_every_element(poisoned):
+def test_column_lse_writes_every_element():
     g = torch.Generator().manual_seed(5)
     R, C, D = 37, 45, 20
     x, c = unit(R, D, g=g, dtype=torch.float32), unit(C, D, g=g, dtype=torch.float32)
     valid = (torch.rand(C, generator=g) < 0.5).to(DEVICE)
     s = torch.tensor([9.0], device=DEVICE)
-    lse = lse_forward(x, c, valid, s, out=torch.full((R,), float("nan"), device=DEVICE))
+    lse = lse_forward(x, c, valid, s, out=torch.full((R,), float("nan"), device=DEVICE), options=POISONED)
     assert torch.isfinite(lse).all()
     d_rows = torch.full_like(x, float("nan"))
     d_cols = torch.full_like(c, float("nan"))
-    _, _, d_scale = lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols)
+    _, _, d_scale = lse_backward(x, c, valid, s, lse, torch.randn(R, generator=g).to(DEVICE), d_rows, d_cols,
+                                 options=POISONED)
     assert torch.isfinite(d_rows).all() and torch.isfinite(d_cols).all() and torch.isfinite(d_scale)
+    x.requires_grad_(), c.requires_grad_()
+    kernels.column_logsumexp(x, c, valid, s, options=POISONED).sum().backward()  # the public keyword, autograd
+    assert torch.isfinite(x.grad).all() and torch.isfinite(c.grad).all()
 
 
 def shipped(*family: tuning.Tuned, D: int = 160) -> list[tuple[int, int]]:
@@ -109,7 +112,7 @@ def shipped(*family: tuning.Tuned, D: int = 160) -> list[tuple[int, int]]:
     for dtype in (torch.float32, torch.bfloat16)
     for config in shipped(*(family[dtype == torch.bfloat16] for family in
                             (contrastive.FORWARD, contrastive.ROWS, contrastive.COLS)))])
-def test_every_shipped_configuration_matches_dense_with_split_reductions(config, dtype, poisoned):
+def test_every_shipped_configuration_matches_dense_with_split_reductions(config, dtype):
     """Each configuration the autotuner may pick, on either target, with the
     columns (forward, row gradients) cut into 3 chunks and the rows (column
     gradients) into 2, the last of each partial. bf16 at D = 160: the
@@ -129,8 +132,9 @@ def test_every_shipped_configuration_matches_dense_with_split_reductions(config,
     want = objective.column_logsumexp(x64, c64, valid, s64)
     (want * upstream.double()).sum().backward()
     assert tuning.fixed_splits(C, 3) == (3, 128) and tuning.fixed_splits(R, 3) == (2, 128)
-    lse = lse_forward(x, c, valid, s, config=config, n_splits=3)
-    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=config, n_splits=3)
+    lse = lse_forward(x, c, valid, s, config=config, n_splits=3, options=POISONED)
+    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=config, n_splits=3,
+                                           options=POISONED)
     close(lse, want, 1e-5 if dtype == torch.float32 else 1e-4)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the weights and the stored results rounded
     close_relative(d_rows, x64.grad, tol)
@@ -140,18 +144,19 @@ def test_every_shipped_configuration_matches_dense_with_split_reductions(config,
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["32-bit", "64-bit"])
-def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, poisoned, wide):
+def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(wide):
     """Chunks are ALIGN-aligned so tiles never straddle two, but a program
     must not count past its chunk's end even if one did (ALIGN = 40 here,
     against 32-wide tiles). With 64-bit offsets too: what a launch past 2^31
     elements computes (bench/kernels.py checks such a launch on a GPU)."""
-    monkeypatch.setattr(tuning, "ALIGN", 40)
+    options = tuning.Options(poison=True, align=40)
     g = torch.Generator().manual_seed(51)
     x, c = unit(90, 40, g=g, dtype=torch.float32), unit(100, 40, g=g, dtype=torch.float32)
     valid = (torch.rand(100, generator=g) < 0.7).to(DEVICE)
     s, upstream = torch.tensor([12.0], device=DEVICE), torch.randn(90, generator=g).to(DEVICE)
-    lse = lse_forward(x, c, valid, s, config=1, n_splits=3, wide=wide)
-    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=1, n_splits=3, wide=wide)
+    lse = lse_forward(x, c, valid, s, config=1, n_splits=3, wide=wide, options=options)
+    d_rows, d_cols, d_scale = lse_backward(x, c, valid, s, lse, upstream, config=1, n_splits=3, wide=wide,
+                                           options=options)
     x64, c64, s64 = (t.double().requires_grad_() for t in (x, c, s))
     want = objective.column_logsumexp(x64, c64, valid, s64)
     (want * upstream.double()).sum().backward()
@@ -160,8 +165,9 @@ def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, po
     close_relative(d_cols, c64.grad, 1e-5)
     assert abs(d_scale.item() - s64.grad.item()) <= 1e-4 * abs(s64.grad.item())
     p, t = unit(2, 100, 24, g=g).float(), unit(2, 24, g=g).float()
-    e, norm = pool_forward(p, t, 0.0, config=1, n_splits=3, wide=wide)  # 32-patch tiles, chunks of 40
-    dp, dt = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), config=1, n_splits=3, wide=wide)
+    e, norm = pool_forward(p, t, 0.0, config=1, n_splits=3, wide=wide, options=options)  # 32-patch tiles, chunks of 40
+    dp, dt = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), config=1, n_splits=3, wide=wide,
+                           options=options)
     p64, t64 = p.double().requires_grad_(), t.double().requires_grad_()
     want_e = objective.knowledge_embedding(p64, t64, 0.0)
     want_e.sum().backward()
@@ -170,7 +176,7 @@ def test_chunks_that_cut_a_tile_count_each_column_and_patch_once(monkeypatch, po
     close(dt, t64.grad, 2e-6)
 
 
-def test_the_autotuner_times_every_configuration_and_keeps_one(monkeypatch):
+def test_the_autotuner_times_every_configuration_and_keeps_one():
     """The launch path a GPU takes (Triton's autotuner over the shipped
     configurations, the grid from the chosen constants), run by the
     interpreter with a CPU clock in place of CUDA events."""
@@ -184,12 +190,9 @@ def test_the_autotuner_times_every_configuration_and_keeps_one(monkeypatch):
         timed.append(fn)
         return [time.perf_counter() - start] * len(quantiles)
 
-    monkeypatch.setattr(tuning, "AUTOTUNE", True)
-    monkeypatch.setattr(tuning, "_AUTOTUNE", {"do_bench": cpu_bench})
+    options = tuning.Options(autotune=True, timer=cpu_bench)  # tuners of their own: this clock's
     family = [contrastive.FORWARD[True], contrastive.ROWS[True], contrastive.COLS[True], pooling.FORWARD,
               pooling.BACKWARD]
-    for tuned in family:
-        monkeypatch.setattr(tuned, "_tuners", {})
     g = torch.Generator().manual_seed(41)
     x, c = unit(70, 48, g=g).bfloat16(), unit(90, 48, g=g).bfloat16()
     valid = (torch.rand(90, generator=g) < 0.7).to(DEVICE)
@@ -197,10 +200,10 @@ def test_the_autotuner_times_every_configuration_and_keeps_one(monkeypatch):
     upstream = torch.randn(70, generator=g).to(DEVICE)
     p, t = unit(3, 20, 48, g=g).float(), unit(3, 48, g=g).float()
     for _ in range(2):  # the second call reuses the choice: nothing timed again
-        lse = lse_forward(x, c, valid, s)
-        d_rows, d_cols, _ = lse_backward(x, c, valid, s, lse, upstream)
-        e, norm = pool_forward(p, t, 0.0)
-        d_patches, d_text = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e))
+        lse = lse_forward(x, c, valid, s, options=options)
+        d_rows, d_cols, _ = lse_backward(x, c, valid, s, lse, upstream, options=options)
+        e, norm = pool_forward(p, t, 0.0, options=options)
+        d_patches, d_text = pool_backward(p, t, 0.0, e, norm, torch.ones_like(e), options=options)
     assert len(timed) == sum(len(t.configs[90]) for t in family)
     assert all(len(t.chosen()) >= 1 and "->" in t.chosen()[0] for t in family)
     x64, c64 = (t.detach().double().requires_grad_() for t in (x, c))
@@ -216,13 +219,11 @@ def test_splits_fill_the_card_only_when_the_blocks_are_few():
     """One rank's 2,048 images (32 blocks of 64 rows) against 22,528 texts on
     132 SMs: the columns are cut; 22,528 texts as rows are blocks enough."""
     cuda = torch.device("cuda")
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(tuning, "sm_count", lambda device: 132)
-        n, length = tuning.splits(2048, 22528, cuda)
-        assert n == tuning.MAX_SPLITS and length % tuning.ALIGN == 0 and n * length >= 22528
-        assert tuning.splits(22528, 2048, cuda) == (1, 2048)
-        assert tuning.splits(16384, 2048, cuda)[0] == 1  # 256 blocks of 64: no partial buffer of 16,384 rows
-        assert tuning.splits(2048, 1500, cuda)[0] == 1  # chunks shorter than MIN_SPLIT are not worth it
+    n, length = tuning.splits(2048, 22528, cuda, sms=132)
+    assert n == tuning.MAX_SPLITS and length % tuning.ALIGN == 0 and n * length >= 22528
+    assert tuning.splits(22528, 2048, cuda, sms=132) == (1, 2048)
+    assert tuning.splits(16384, 2048, cuda, sms=132)[0] == 1  # 256 blocks of 64: no partial buffer of 16,384 rows
+    assert tuning.splits(2048, 1500, cuda, sms=132)[0] == 1  # chunks shorter than MIN_SPLIT are not worth it
 
 
 def test_64_bit_offsets_only_past_2_to_the_31_elements():
@@ -308,20 +309,23 @@ def test_patch_pool_bf16_forward_and_backward():
     close_relative(t.grad, t64.grad, 1e-2)
 
 
-def test_patch_pool_writes_every_element(poisoned):
+def test_patch_pool_writes_every_element():
     g = torch.Generator().manual_seed(8)
     B, P, D = 5, 21, 24
     p, t = unit(B, P, D, g=g, dtype=torch.float32), unit(B, D, g=g, dtype=torch.float32)
-    e, norm = pool_forward(p, t, 0.0)
+    e, norm = pool_forward(p, t, 0.0, options=POISONED)
     assert torch.isfinite(e).all() and torch.isfinite(norm).all()
     dp, dt = pool_backward(p, t, 0.0, e, norm, torch.randn(B, D, generator=g).to(DEVICE),
-                           d_patches=torch.full_like(p, float("nan")))
+                           d_patches=torch.full_like(p, float("nan")), options=POISONED)
     assert torch.isfinite(dp).all() and torch.isfinite(dt).all()
+    p.requires_grad_(), t.requires_grad_()
+    kernels.knowledge_embedding(p, t, 0.0, options=POISONED).sum().backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(t.grad).all()
 
 
 @pytest.mark.parametrize("config", [pytest.param(c, id=f"sm{c[0]}-{c[1]}")
                                     for c in shipped(pooling.FORWARD, pooling.BACKWARD, D=40)])
-def test_patch_pool_every_shipped_configuration_with_split_patches(config, poisoned):
+def test_patch_pool_every_shipped_configuration_with_split_patches(config):
     """Each pooling configuration, the patches of an image whole and cut into
     chunks (200 patches: two chunks of 128 and 72)."""
     g = torch.Generator().manual_seed(31)
@@ -332,8 +336,9 @@ def test_patch_pool_every_shipped_configuration_with_split_patches(config, poiso
     (want * upstream).sum().backward()
     p32, t32 = p.detach().float(), t.detach().float()
     for n_splits in (1, 2):
-        e, norm = pool_forward(p32, t32, 0.02, config=config, n_splits=n_splits)
-        dp, dt = pool_backward(p32, t32, 0.02, e, norm, upstream.float(), config=config, n_splits=n_splits)
+        e, norm = pool_forward(p32, t32, 0.02, config=config, n_splits=n_splits, options=POISONED)
+        dp, dt = pool_backward(p32, t32, 0.02, e, norm, upstream.float(), config=config, n_splits=n_splits,
+                               options=POISONED)
         close(e, want, 1e-6)
         close(dp, p.grad, 2e-6)
         close(dt, t.grad, 2e-6)

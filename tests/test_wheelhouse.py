@@ -1,6 +1,7 @@
 """The offline wheel set: its pins come from the lock, Ray's wheel is trimmed
-right, make-dist's own wheel carries the package and the kernels. (The
-downloads themselves need the package registries: `make wheelhouse`.)"""
+right, make-dist's own wheel carries the package and the kernels (as
+make_dist_kernels). (The downloads themselves need the package registries:
+`make wheelhouse`.)"""
 
 import subprocess
 import sys
@@ -47,16 +48,30 @@ def test_trimmed_wheel_drops_the_members_and_their_record_lines(tmp_path):
         assert z.read("ray/__init__.py") == b"x = 1\n"
 
 
+def test_every_package_is_listed_and_the_kernels_install_under_their_own_name(repo_root):
+    """pyproject.toml lists its packages (kernels/ installs as make_dist_kernels, which
+    `find` cannot do): a folder of make_dist/ holding modules and missing there would
+    be left out of the wheel, though an editable install imports it."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((repo_root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"make_dist_kernels": "kernels"}
+    folders = {".".join(p.parent.relative_to(repo_root).parts) for p in (repo_root / "make_dist").rglob("*.py")}
+    assert sorted(setuptools["packages"]) == sorted(folders | {"make_dist_kernels"})
+
+
 @pytest.mark.slow
 def test_own_wheel_installs_the_package_and_the_kernels(tmp_path):
     wheel = build_own_wheel(tmp_path / "wheels")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-    assert {"make_dist/cli.py", "make_dist/model_configs/make-tiny.json", "kernels/contrastive.py"} <= names
+    assert {"make_dist/cli.py", "make_dist/model_configs/make-tiny.json", "make_dist_kernels/contrastive.py"} <= names
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"make_dist", "make_dist_kernels"}
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
                     str(wheel)], check=True)
-    code = "import make_dist.slots, kernels, pathlib, make_dist; print(pathlib.Path(make_dist.__file__).parent)"
+    assert not (site / "kernels").exists()  # a PyPI package's top-level name
+    code = ("import make_dist.slots, make_dist_kernels, pathlib, make_dist; "
+            "print(pathlib.Path(make_dist.__file__).parent)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
