@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import overrides
 from .config import ModelConfig
 from .errors import UserError
 from .files import atomic_writer, write_atomic
@@ -89,10 +90,7 @@ class MakeModel(nn.Module):
         visual = self.clip.visual
         if images.dtype == torch.uint8:
             images = self.normalize(images)
-        pooled, tokens = visual(images)
-        if visual.final_ln_after_pool:  # tokens left un-normed by that variant
-            tokens = visual.ln_post(tokens)
-        patches = tokens @ visual.proj  # the pooled token's projection
+        pooled, patches = overrides.open_clip_image_forward(visual, images)  # patches normed and projected as pooled
         return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
     # -- texts -------------------------------------------------------------
@@ -120,18 +118,7 @@ class MakeModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Normalised embeddings (T, D) of token rows (T, L), any L <= context."""
-        clip = self.clip
-        L = tokens.shape[1]
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:L].to(cast)
-        x = clip.transformer(x, attn_mask=clip.attn_mask[:L, :L])
-        x = clip.ln_final(x)
-        x = open_clip.transformer.text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=clip.text_eos_id)
-        if isinstance(clip.text_projection, nn.Linear):
-            x = clip.text_projection(x)
-        elif clip.text_projection is not None:
-            x = x @ clip.text_projection
-        return F.normalize(x, dim=-1)
+        return F.normalize(overrides.open_clip_text_forward(self.clip, tokens), dim=-1)
 
     # -- both ----------------------------------------------------------------
 
@@ -186,14 +173,11 @@ class MakeModel(nn.Module):
         patches = visual.grid_size[0] * visual.grid_size[1]
         seq = patches + 1  # and the class token
         image = (_tower_flops(visual.transformer, torch.tensor([seq]))
-                 + 2 * patches * _numel(visual.conv1.weight) + 2 * seq * visual.transformer.width * D)
+                 + 2 * patches * overrides.deepspeed_full_numel(visual.conv1.weight)
+                 + 2 * seq * visual.transformer.width * D)
         lengths = text_lengths[text_lengths > 0]
         texts = _tower_flops(text, lengths) + 2 * lengths.numel() * text.width * D
         return 3 * (images * image + texts)
-
-
-def _numel(p: torch.Tensor) -> int:
-    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 shard knows its full size
 
 
 def _tower_flops(transformer, lengths: torch.Tensor) -> float:
@@ -201,7 +185,7 @@ def _tower_flops(transformer, lengths: torch.Tensor) -> float:
     weight per token in the blocks' matrices, and 4 * length * width per
     token for attention (scores, then values)."""
     block = transformer.resblocks[0]
-    per_token = 2 * sum(_numel(p) for p in block.parameters() if p.ndim == 2)
+    per_token = 2 * sum(overrides.deepspeed_full_numel(p) for p in block.parameters() if p.ndim == 2)
     lengths = lengths.double()
     per_layer = per_token * lengths.sum() + 4 * transformer.width * (lengths**2).sum()
     return float(len(transformer.resblocks) * per_layer)

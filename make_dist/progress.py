@@ -8,6 +8,8 @@ import os
 import sys
 import threading
 
+from . import overrides
+
 
 def say(message: str) -> None:
     """One line on stdout, flushed. Written directly: inside a Ray Train
@@ -19,24 +21,13 @@ def say(message: str) -> None:
 def logs_to_file(path: str) -> str:
     """Send this process's Python logging and warnings (Ray's, MLflow's,
     torch's, DeepSpeed's) to `path` instead of the terminal; returns the path."""
-    # Ray and MLflow put their own terminal handlers on their loggers when imported:
-    # import them first, so that the handlers removed below include theirs.
-    import mlflow  # noqa: F401
-    import ray  # noqa: F401
-
+    overrides.library_terminal_handlers_off()  # Ray's, MLflow's, ...: their records come to the root's handler
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact read
-    # Libraries that install their own terminal handler: theirs go, ours gets their records.
-    for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
-        if isinstance(logger, logging.Logger):
-            for h in list(logger.handlers):
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    logger.removeHandler(h)
-            logger.propagate = True
     return path
 
 

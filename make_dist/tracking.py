@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Mapping
 
+from . import overrides
 from .config import Config, dump_config
 from .files import read_bytes, write_atomic
 
@@ -252,7 +253,7 @@ def log_dataset_input(run: Run, url: str, name: str, context: str) -> None:
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
         source = resolve_dataset_source(url)
     dataset = MetaDataset(source=source, name=name, digest=digest)
-    run.client.log_inputs(run.id, [DatasetInput(dataset._to_mlflow_entity(),
+    run.client.log_inputs(run.id, [DatasetInput(overrides.mlflow_dataset_entity(dataset),
                                                 tags=[InputTag("mlflow.data.context", context)])])
 
 

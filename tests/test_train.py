@@ -438,10 +438,10 @@ def test_quiet_ray_sends_the_raylets_messages_to_the_log(ray_local, capfd, caplo
     import ray._private.worker as ray_worker
     from ray._private.utils import publish_error_to_driver
 
-    from make_dist.train.cluster import _raylet_messages_to_log
+    from make_dist.overrides import ray_raylet_messages_to_log
 
     monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
-    _raylet_messages_to_log()
+    ray_raylet_messages_to_log()
     caplog.set_level(logging.INFO)
     publish_error_to_driver("test", "WARNING: 8 PYTHON worker processes (a test)", ray_worker.global_worker.gcs_client)
     deadline = time.time() + 20

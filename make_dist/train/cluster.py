@@ -11,15 +11,15 @@ another cluster found on the machine.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 
+from .. import overrides
 from ..errors import UserError
 from . import reaper
 
-POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls its workers
+POLL_INTERVAL = overrides.RAY_TRAIN_POLL_INTERVAL  # how often Ray Train's controller polls its workers
 LOCAL_POLL_INTERVAL_S = "0.25"  # the embedded Ray's (Ray's default: 2 s)
 
 
@@ -33,8 +33,8 @@ def init_ray(quiet: bool = False) -> None:
     if ray.is_initialized():
         return
     options = {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
-    if quiet:
-        _raylet_messages_to_log()
+    if quiet:  # the raylet's messages, which Ray's driver prints whatever log_to_driver says, go to the log
+        overrides.ray_raylet_messages_to_log()
     address = os.environ.get("RAY_ADDRESS")
     if address:  # a cluster (ray job submit or an exported address)
         check_ray_address(address)
@@ -53,11 +53,9 @@ def init_ray(quiet: bool = False) -> None:
         # polls it, every 2 s by default: on one machine polling costs nothing, so it polls
         # 4 times a second (a value the user exported is kept).
         port = _free_port()
-        workers_env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                       POLL_INTERVAL: os.environ.get(POLL_INTERVAL, LOCAL_POLL_INTERVAL_S)}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": workers_env}, **options)
+                 **overrides.ray_embedded_options(port, os.environ.get(POLL_INTERVAL, LOCAL_POLL_INTERVAL_S)),
+                 **options)
         reaper.watch(os.getpid())  # a driver killed outright leaves no Ray agent behind
 
 
@@ -66,38 +64,8 @@ def ray_job() -> tuple[str | None, str | None]:
     this process is the entry point of `ray job submit` (each None when not).
     The copy is where the job runs, and it goes with the Ray session: what a
     job writes there under a relative path is lost."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # Ray's job supervisor sets it for the entry point
-    if not raw:
-        return None, None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        return None, None
-    copied = (config.get("runtime_env") or {}).get("working_dir")
-    return (config.get("metadata") or {}).get("job_submission_id"), (os.getcwd() if copied else None)
-
-
-def _raylet_messages_to_log() -> None:
-    """Ray's driver prints the raylet's messages (such as "8 PYTHON worker
-    processes have been started", seen whenever trials start together) to
-    stdout whatever log_to_driver says; quiet, they go to the logging file
-    like every other library's. Ray has no setting for it: its printer is
-    wrapped (pinned Ray; tests/test_train.py checks it)."""
-    import ray._private.worker as ray_worker
-
-    printer = ray_worker.print_to_stdstream
-    if getattr(printer, "make_dist_quiet", False):
-        return
-
-    def print_to_stdstream(data, ignore_prefix):
-        if data.get("pid") == "raylet":
-            for line in data.get("lines", []):
-                logging.getLogger("raylet").warning(line)  # not under "ray": quiet, that logs errors only
-        else:
-            printer(data, ignore_prefix)
-
-    print_to_stdstream.make_dist_quiet = True
-    ray_worker.print_to_stdstream = print_to_stdstream
+    job, copied = overrides.ray_job_submission()
+    return job, (os.getcwd() if copied else None)
 
 
 def _free_port() -> int:
@@ -167,9 +135,4 @@ def _missing_modules(modules: tuple[str, ...]) -> tuple[str, list[str]]:
 
 def ray_logs() -> str:
     """The folder of this Ray session's logs (workers' output included)."""
-    import ray
-
-    try:
-        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it
-    except AttributeError:
-        return "/tmp/ray/session_latest/logs"
+    return overrides.ray_logs_dir()

@@ -3,14 +3,16 @@ the mechanics of ZeRO-3 (what it changes is decided by Config.zero3 and
 Config.text_batching).
 
 Traps this module steps around (docs/traps.md): the shared-memory comm
-extension DeepSpeed would JIT-compile for 2+ minutes on a CPU machine; its own
+extension DeepSpeed would JIT-compile for 2+ minutes on a CPU machine (skipped
+by make_dist/overrides.py, like every reach into DeepSpeed's internals); its own
 fused Adam (another JIT compile), replaced by a torch AdamW; parameters used
 outside their module's forward under ZeRO-3 (registered as external); and
 DeepSpeed's checkpoint loader, which unpickles whatever a checkpoint file
 holds (`torch.load(weights_only=False)`): a run folder on shared storage
 could run code on every worker that resumes from it. Checkpoints are read
 with torch's weights-only unpickler instead, which admits tensors, builtin
-containers and numbers, and the few DeepSpeed types listed below.
+containers and numbers, and the few DeepSpeed types
+`overrides.deepspeed_checkpoint_types` lists.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import contextlib
 import os
 import pickle
 import re
-import sys
 import zipfile
 
 import torch
 
+from .. import overrides
 from ..config import Config
 from ..errors import RefusedFile
 from ..model import MakeModel
@@ -35,10 +37,8 @@ def init_distributed(use_gpu: bool) -> None:
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (the module, to patch below)
 
-    # `import deepspeed.comm.torch as m` would bind the torch module: patch via sys.modules.
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    overrides.deepspeed_without_shm_extension()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
@@ -158,29 +158,19 @@ def load_checkpoint(engine, directory: str) -> dict:
     returns the client state (step, ...). Verify the files first
     (`verify_checkpoint`): an error here is not damage but a checkpoint that
     does not fit (another world size, another model)."""
-    _read_weights_only(engine)
+    overrides.deepspeed_checkpoint_reader(engine, safe_load)  # its own unpickles anything (weights_only=False)
     path, client_state = engine.load_checkpoint(directory, tag="state")
     if path is None:
         raise UnreadableCheckpoint(f"no DeepSpeed checkpoint files in {directory}")
     return client_state
 
 
-def checkpoint_types() -> list[type]:
-    """The only types beyond tensors and builtins that DeepSpeed's checkpoint
-    files hold (DeepSpeed 0.19.8; ZeRO 0-3 in fp32 and bf16 seen, the fp16
-    loss scalers from its source): the weights-only unpickler admits these."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
-
-
 def safe_load(path: str, map_location=None):
-    """torch.load with the weights-only unpickler and `checkpoint_types()`;
+    """torch.load with the weights-only unpickler and the types DeepSpeed's
+    files hold (`overrides.deepspeed_checkpoint_types()`);
     a file holding any other object is refused, naming the file and the object."""
     try:
-        with torch.serialization.safe_globals(checkpoint_types()):
+        with torch.serialization.safe_globals(overrides.deepspeed_checkpoint_types()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         foreign = re.search(r"GLOBAL (\S+)", str(e))
@@ -197,15 +187,3 @@ def _unpickler_says(e: Exception) -> str:
     _, _, said = str(e).partition("WeightsUnpickler error:")
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     return lines[0] if lines else str(e).splitlines()[0]
-
-
-def _read_weights_only(engine) -> None:
-    """Point the engine's checkpoint reader at `safe_load` (its own unpickles
-    anything: torch_checkpoint_engine.py, weights_only=False)."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    reader = engine.checkpoint_engine
-    if type(reader) is not TorchCheckpointEngine:  # another engine reads otherwise: not checked, so not used
-        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(reader).__name__}; make-dist reads checkpoints "
-                           f"through TorchCheckpointEngine only")
-    reader.load = safe_load
