@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test wheelhouse clean
+.PHONY: setup demo test test-fast wheelhouse clean
 
 # uv installs the pins of requirements.lock (every package of a venv seen
 # working, docs/traps.md) in seconds where pip takes minutes. It reads no
@@ -39,6 +39,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
+
+# What needs no Ray cluster, no server and no second process group (the
+# Trainer's step, checkpoints, resume and export included): a few minutes,
+# for while you work. `make test` runs it all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # The offline wheel set for a GPU host without internet (docs/gpu-hosts.md).
 wheelhouse: setup

@@ -291,3 +291,32 @@ def mlflow_dataset_entity(dataset):
     Checked: it exists and gives an entities.Dataset with the dataset's
     name, digest and source."""
     return dataset._to_mlflow_entity()
+
+
+@checked({"mlflow": "3.17.2"})
+def mlflow_system_metrics(run_id: str, tracking_uri: str, resumed: bool):
+    """A started monitor of the machine's CPU, memory, disk, network and GPU
+    use, logged to a run by id (`mlflow.start_run(log_system_metrics=True)`,
+    the public way, needs an active run in this process, which a Ray worker
+    logging to its driver's run does not have); `stop(monitor)` ends it.
+    Through MLflow's `SystemMetricsMonitor` (mlflow.system_metrics, not
+    exported) and, on stop, its `collect_metrics`, `aggregate_metrics`,
+    `publish_metrics` and `mlflow_logger.flush`: a closing sample, since
+    MLflow drops what it sampled since its last interval (a run shorter than
+    one interval, 10 s, would show an empty System metrics tab).
+
+    Checked: those methods exist with these signatures, and a monitor started
+    and stopped so logs system/* metrics to the run."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri, resume_logging=resumed)
+    monitor.start()
+    return monitor
+
+
+def mlflow_system_metrics_stop(monitor) -> None:
+    """Stop a monitor of `mlflow_system_metrics`, with its closing sample."""
+    monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -77,6 +78,7 @@ def test_shards_with_missing_table_fails_clearly(repo_root, tmp_path):
     assert out.returncode == 2 and "table not found" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     """The README's first command, at a small size (the default run is timed in
     docs/BENCHMARKS.md): three objectives, intervals, a quiet terminal. Ray's

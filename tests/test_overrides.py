@@ -387,3 +387,27 @@ def test_mlflow_dataset_entity(tmp_path):
         assert (entity.name, entity.digest) == ("shards", "0123456789abcdef")
         assert str(tmp_path / "manifest.json") in entity.source, entity.source
     same_versions(entry)
+
+
+def test_mlflow_system_metrics(tmp_path, monkeypatch):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.tracking import MlflowClient
+
+    from conftest import tracking_db
+    from make_dist.tracking import Run
+
+    entry = overrides.mlflow_system_metrics
+    with checking(entry, "SystemMetricsMonitor(run_id, tracking_uri=, resume_logging=) with start, finish, "
+                         "collect_metrics, aggregate_metrics, publish_metrics and mlflow_logger.flush"):
+        parameters = inspect.signature(SystemMetricsMonitor).parameters
+        assert {"run_id", "tracking_uri", "resume_logging"} <= set(parameters), list(parameters)
+        for name in ("start", "finish", "collect_metrics", "aggregate_metrics", "publish_metrics"):
+            assert callable(getattr(SystemMetricsMonitor, name, None)), name
+    with checking(entry, "a monitor started and stopped with its closing sample logs system/* metrics to the run"):
+        uri = tracking_db(tmp_path / "m.db")
+        run = Run.create(uri, "overrides", "system metrics")
+        overrides.mlflow_system_metrics_stop(entry(run.id, run.uri, resumed=False))
+        run.finish()
+        logged = MlflowClient(uri).get_run(run.id).data.metrics
+        assert any(k.startswith("system/") for k in logged), sorted(logged)
+    same_versions(entry)

@@ -96,6 +96,25 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(group, tmp_pat
     assert f"the checkpoint {newest.location} could not be read" in said and older.location in said
 
 
+def test_nonfinite_losses_skip_steps_then_stop_the_run(group, tmp_path, tiny_shards, repo_root, capsys):
+    """A learning rate of 1e8 blows the weights up after the first step: the
+    next steps are skipped, the run stops after train.max_nonfinite in a row,
+    its MLflow run marked FAILED with the one step it took."""
+    from make_dist.train.launch import fit
+    from make_dist.train.trainer import NonFiniteLoss
+
+    cfg = config(tmp_path, tiny_shards, repo_root, **{"optim.lr": 1e8, "optim.warmup_steps": 1, "train.steps": 10,
+                                                       "train.max_nonfinite": 2, "train.checkpoint_every": 100})
+    with pytest.raises(NonFiniteLoss, match="2 non-finite losses in a row"):
+        fit(cfg, ray=False)
+    assert "non-finite loss, step skipped (1 in a row, 1 in all)" in capsys.readouterr().out
+    client = MlflowClient(cfg.tracking.uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "make-dist-tiny"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")] == [1]
+
+
 def test_train_without_ray(tmp_path, tiny_shards, repo_root):
     """`make-dist train --no-ray`: one process, no Ray session folder written,
     the MLflow run and the export as a Ray run leaves them; run again with

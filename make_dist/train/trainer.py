@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import distributed
+from .. import distributed, overrides
 from ..config import Config
 from ..data.stream import Batch, make_loader
 from ..evaluate.evaluation import Evaluation
@@ -270,19 +270,11 @@ def system_metrics(run: Run | None, resumed: bool) -> Iterator[None]:
     if run is None:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run.id, tracking_uri=run.uri, resume_logging=resumed)
-    monitor.start()
+    monitor = overrides.mlflow_system_metrics(run.id, run.uri, resumed)
     try:
         yield
     finally:
-        monitor.finish()
-        # and a closing sample: MLflow drops what it sampled since its last interval, so a run
-        # shorter than one interval (10 s) would show an empty System metrics tab
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        overrides.mlflow_system_metrics_stop(monitor)  # with a closing sample
 
 
 def device_facts(trainer: Trainer) -> dict[str, str]:
