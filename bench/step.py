@@ -19,7 +19,7 @@ CPU smoke run of the same code (tiny model, a few steps, kernels interpreted):
 2. Every variant builds the trainer's engine from configs/paper.yaml (the
    paper's ViT-B/16 QuickGELU + text transformer, DeepSpeed ZeRO-2, bf16) with
    a few keys changed, from the same seed, and runs the trainer's own step
-   (`train_step` on `prefetch`ed batches, as `make-dist train` does): --warmup
+   (`Trainer.step` on `prefetch`ed batches, as `make-dist train` does): --warmup
    steps, then --steps timed ones. Reported: samples/s, peak GPU memory
    (allocated), model FLOPs utilisation (make_dist.model's `train_flops` of
    the batches over the card's peak bf16 rate), and the loss of the first

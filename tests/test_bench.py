@@ -35,6 +35,7 @@ def test_step_bench_runs_and_levers_keep_the_loss(repo_root, tmp_path, monkeypat
 
     spec = importlib.util.spec_from_file_location("bench_step", repo_root / "bench/step.py")
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_step", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sys, "argv", ["step.py", "--small", "--work", str(tmp_path / "work")])
     args = bench.parse_args()

@@ -390,10 +390,10 @@ def test_mlflow_dataset_entity(tmp_path):
 
 
 def test_mlflow_system_metrics(tmp_path, monkeypatch):
+    from conftest import tracking_db
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     from mlflow.tracking import MlflowClient
 
-    from conftest import tracking_db
     from make_dist.tracking import Run
 
     entry = overrides.mlflow_system_metrics

@@ -91,6 +91,25 @@ def test_resampled_mode_gives_every_rank_the_same_batch_count(uneven_shards, tok
     assert counts == [10, 10]  # batches_per_worker x workers, however uneven the shards
 
 
+def test_the_same_seed_gives_the_same_batches(uneven_shards, tok):
+    """Shards drawn, samples shuffled and images augmented from the seed
+    alone (not the pid, the clock or the caller's generator): the same
+    config and seed give the same batches, another seed others."""
+    urls, _ = uneven_shards
+    data = DataConfig(train_shards=urls, batch_size=4, augment=True, resampled=True, num_workers=1,
+                      shuffle_buffer=10)
+
+    def draw(seed):
+        torch.manual_seed(seed + 99)  # the caller's generator, left elsewhere each time: no say in the data
+        return list(make_loader(data, tok, image_size=32, rank=0, world=1, seed=seed, batches_per_worker=3))
+
+    first, again, other = draw(5), draw(5), draw(6)
+    assert [b.keys for b in first] == [b.keys for b in again]
+    assert all(torch.equal(a.image, b.image) for a, b in zip(first, again))
+    assert [b.keys for b in first] != [b.keys for b in other] or not all(
+        torch.equal(a.image, b.image) for a, b in zip(first, other))
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     members = []
     for i in range(6):

@@ -343,7 +343,9 @@ def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequenc
         stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker]
     stages.append(partial(shard_samples, failures=failures))
     if data.shuffle_buffer > 0:
-        stages.append(wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100)))
+        # seeded (webdataset's default draws from the pid and the clock): the same config and seed, the same order
+        stages.append(wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100),
+                                  seed=seed * 1000 + rank))
     stages += [
         partial(decoded, decoder=decoder, failures=failures),
         wds.batched(data.batch_size, collation_fn=Batcher(failures), partial=not data.resampled),
@@ -369,6 +371,9 @@ def make_loader(data: DataConfig, tokenizer, *, image_size: int, read: Sequence[
                             batches_per_worker=batches_per_worker)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=data.num_workers,
+        # the loader processes' torch seeds (the augmentation's draws) from `seed`, not from whatever the
+        # caller's generator holds: the same config and seed give the same batches
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=data.num_workers > 0 and data.resampled,
         pin_memory=torch.cuda.is_available(),
         # batches held ahead per worker: fewer of the big ones (shared memory)
