@@ -43,6 +43,23 @@ def tracking_db(path: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def process_group():
+    """A process group of one in this process, for the Trainer driven here:
+    made once and kept for the session (DeepSpeed keeps its groups, so one
+    destroyed and made again breaks it). Of the environment it sets, only
+    what DeepSpeed reads again later (LOCAL_RANK) stays: the tests' other
+    processes must not inherit a rendezvous."""
+    from make_dist.train import engine
+
+    saved = dict(os.environ)
+    engine.init_single_process(use_gpu=False)
+    os.environ.clear()
+    os.environ.update(saved)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    yield
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
 

@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 
-from make_dist.train import engine
 from make_dist.train.trainer import Trainer
 
 
 @pytest.mark.slow
-def test_step_bench_runs_and_levers_keep_the_loss(repo_root, tmp_path, monkeypatch):
+def test_step_bench_runs_and_levers_keep_the_loss(repo_root, tmp_path, monkeypatch, process_group):
     """...and what it times is the users' step: its first loss of make-dist's
     variant is the Trainer's own `step` on the same batch."""
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -42,15 +41,7 @@ def test_step_bench_runs_and_levers_keep_the_loss(repo_root, tmp_path, monkeypat
     manifest = bench.make_data(args, tmp_path / "work")  # the bench's own shards, already there
     variant = bench.variants(args.batch, args.large, args.loader)[1]
     assert variant.name == "make-dist"
-    saved = dict(os.environ)
-    engine.init_single_process(use_gpu=False)
-    try:
-        trainer = Trainer(bench.variant_config(variant, bench.base_config(args, manifest)), 0, 1,
-                          torch.device("cpu"))
-        batch = bench.memory_batches(trainer.cfg, trainer.model, manifest, variant.batch, args.batches,
-                                     args.loader_workers)[0]
-        assert float(trainer.step(batch)["loss/total"]) == pytest.approx(results[1]["first_loss"], abs=1e-6)
-    finally:
-        torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+    trainer = Trainer(bench.variant_config(variant, bench.base_config(args, manifest)), 0, 1, torch.device("cpu"))
+    batch = bench.memory_batches(trainer.cfg, trainer.model, manifest, variant.batch, args.batches,
+                                 args.loader_workers)[0]
+    assert float(trainer.step(batch)["loss/total"]) == pytest.approx(results[1]["first_loss"], abs=1e-6)

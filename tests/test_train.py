@@ -5,7 +5,6 @@ runs, and the stop/restart and fault runs are real `make-dist train`
 processes, stopped or shot for real.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -65,7 +64,8 @@ def exported_weights(run_dir):
     return torch.load(Path(run_dir) / "model/open_clip_pytorch_model.bin")
 
 
-def test_two_workers_make_the_same_first_update_as_one_with_double_batch(tmp_path, shards, repo_root, ray_local):
+def test_two_workers_make_the_same_first_update_as_one_with_double_batch(tmp_path, shards, repo_root, ray_local,
+                                                                         process_group):
     """ZeRO-2, fixed data order, no augmentation: rank r of 2 reads shard r
     (batch 8); the single worker reads shards 0 and 1 (batch 16).
 
@@ -96,27 +96,13 @@ def test_two_workers_make_the_same_first_update_as_one_with_double_batch(tmp_pat
     _, _, h_one = run_history(tmp_path / "one")
     assert h_two[0].value == pytest.approx(h_one[0].value, rel=1e-5)
     # The same run without Ray (the Trainer in this process): the same first loss, the same update
-    with process_of_its_own():
-        here = fit(tiny(tmp_path / "here", shards, repo_root, **same, **{"train.workers": 1, "data.batch_size": 16}),
-                   ray=False)
+    here = fit(tiny(tmp_path / "here", shards, repo_root, **same, **{"train.workers": 1, "data.batch_size": 16}),
+               ray=False)
     _, _, h_here = run_history(tmp_path / "here")
     assert h_here[0].step == 1 and h_here[0].value == pytest.approx(h_one[0].value, rel=1e-6)
     c = exported_weights(here.run_dir)
-    assert all(torch.allclose(c[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
-
-
-@contextlib.contextmanager
-def process_of_its_own():
-    """A run without Ray sets up a process group of one in this process:
-    ended afterwards, and the environment it set given back."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+    for key in b:  # the same update, up to the float rounding of another thread count
+        assert torch.allclose(c[key] - init[key], b[key] - init[key], rtol=1e-3, atol=1e-6), key
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -13,24 +13,11 @@ from conftest import run_command, tracking_db
 from mlflow.tracking import MlflowClient
 
 from make_dist.config import load_config
-from make_dist.train import engine
 from make_dist.train.checkpoints import KEEP, RunFolder
 from make_dist.train.trainer import Trainer
 
 CPU = torch.device("cpu")
 EXE = Path(sys.executable).parent / "make-dist"
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A process group of one for this module, and the environment it set
-    given back afterwards (a later test's processes must not inherit it)."""
-    saved = dict(os.environ)
-    engine.init_single_process(use_gpu=False)
-    yield
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def config(tmp_path, shards, repo_root, **extra):
@@ -45,7 +32,7 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.clip.state_dict().items()}
 
 
-def test_a_step_moves_the_weights_and_reports_the_losses(group, tmp_path, tiny_shards, repo_root):
+def test_a_step_moves_the_weights_and_reports_the_losses(process_group, tmp_path, tiny_shards, repo_root):
     trainer = Trainer(config(tmp_path, tiny_shards, repo_root), 0, 1, CPU)
     before = weights(trainer)
     batch = next(trainer.batches())
@@ -57,7 +44,7 @@ def test_a_step_moves_the_weights_and_reports_the_losses(group, tmp_path, tiny_s
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_fit_checkpoints_resumes_and_exports(group, tmp_path, tiny_shards, repo_root):
+def test_fit_checkpoints_resumes_and_exports(process_group, tmp_path, tiny_shards, repo_root):
     """Three steps with a checkpoint each: the run folder keeps the newest two
     and the export; a trainer built from them resumes at step 3 with the
     weights the run ended with, and one told to go on to step 4 does."""
@@ -82,7 +69,7 @@ def test_fit_checkpoints_resumes_and_exports(group, tmp_path, tiny_shards, repo_
     assert folder.metrics["step"] == 4 and longer.samples_seen == 4 * 16
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(group, tmp_path, tiny_shards, repo_root, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(process_group, tmp_path, tiny_shards, repo_root, capsys):
     cfg = config(tmp_path, tiny_shards, repo_root)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     folder = RunFolder(run_dir)
@@ -96,7 +83,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(group, tmp_pat
     assert f"the checkpoint {newest.location} could not be read" in said and older.location in said
 
 
-def test_nonfinite_losses_skip_steps_then_stop_the_run(group, tmp_path, tiny_shards, repo_root, capsys):
+def test_nonfinite_losses_skip_steps_then_stop_the_run(process_group, tmp_path, tiny_shards, repo_root, capsys):
     """A learning rate of 1e8 blows the weights up after the first step: the
     next steps are skipped, the run stops after train.max_nonfinite in a row,
     its MLflow run marked FAILED with the one step it took."""
