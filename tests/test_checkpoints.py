@@ -54,6 +54,35 @@ def test_a_planted_object_is_refused_and_never_run(tmp_path, protocol):
     assert not marker.exists()
 
 
+class ByName:
+    """Pickles as getattr(owner, name): how Python 3.11.2 (Debian 12's) pickles an
+    Enum member, whatever Python runs the test."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_an_enum_member_pickled_by_name_loads_and_nothing_else_so(tmp_path):
+    """A checkpoint written under Python 3.11.2 holds DeepSpeed's ZeroStageEnum
+    as getattr(ZeroStageEnum, 'gradients'): it loads (resuming failed on such
+    a Python before). getattr on anything else is refused, nothing run."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    state = deepspeed_like_state()
+    state["zero_stage"] = ByName(ZeroStageEnum, "gradients")
+    torch.save(state, tmp_path / "state.pt")
+    assert safe_load(str(tmp_path / "state.pt"))["zero_stage"] is ZeroStageEnum.gradients
+    for owner, name in ((ZeroStageEnum, "__class__"), (LossScaler, "__init__"), (ZeroStageEnum, "nothing")):
+        state["zero_stage"] = ByName(owner, name)
+        torch.save(state, tmp_path / "bad.pt")
+        with pytest.raises(RefusedFile, match=rf"never hold \(getattr\({owner.__qualname__},'{name}'\)\)"):
+            safe_load(str(tmp_path / "bad.pt"))
+
+
 def test_damage_is_told_apart_from_a_payload(tmp_path):
     torch.save(deepspeed_like_state(), tmp_path / "whole.pt")
     whole = (tmp_path / "whole.pt").read_bytes()

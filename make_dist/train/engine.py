@@ -18,6 +18,7 @@ containers and numbers, and the few DeepSpeed types
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import pickle
 import re
@@ -165,12 +166,26 @@ def load_checkpoint(engine, directory: str) -> dict:
     return client_state
 
 
+def _enum_member(cls, name):
+    """What `builtins.getattr` means in a checkpoint, and all it may mean: a
+    member of an admitted Enum class. Some Python releases (3.11.2, Debian
+    12's, among them) pickle an Enum member as getattr(class, name), and
+    DeepSpeed's files hold one (ZeroStageEnum); any other use is refused."""
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in overrides.deepspeed_checkpoint_types()
+            and isinstance(name, str) and name in cls.__members__):
+        return cls[name]
+    raise pickle.UnpicklingError(f"GLOBAL getattr({getattr(cls, '__qualname__', type(cls).__name__)},{name!r}) "
+                                 f"is not a member of an admitted Enum")
+
+
 def safe_load(path: str, map_location=None):
     """torch.load with the weights-only unpickler and the types DeepSpeed's
-    files hold (`overrides.deepspeed_checkpoint_types()`);
-    a file holding any other object is refused, naming the file and the object."""
+    files hold (`overrides.deepspeed_checkpoint_types()`, and their Enum
+    members however pickled); a file holding any other object is refused,
+    naming the file and the object."""
     try:
-        with torch.serialization.safe_globals(overrides.deepspeed_checkpoint_types()):
+        with torch.serialization.safe_globals([*overrides.deepspeed_checkpoint_types(),
+                                               (_enum_member, "builtins.getattr")]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         foreign = re.search(r"GLOBAL (\S+)", str(e))
