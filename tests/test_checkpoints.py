@@ -65,6 +65,13 @@ class ByName:
         return getattr, (self.owner, self.name)
 
 
+class OneArgument:
+    def __reduce__(self):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        return getattr, (ZeroStageEnum,)
+
+
 def test_an_enum_member_pickled_by_name_loads_and_nothing_else_so(tmp_path):
     """A checkpoint written under Python 3.11.2 holds DeepSpeed's ZeroStageEnum
     as getattr(ZeroStageEnum, 'gradients'): it loads (resuming failed on such
@@ -81,6 +88,10 @@ def test_an_enum_member_pickled_by_name_loads_and_nothing_else_so(tmp_path):
         torch.save(state, tmp_path / "bad.pt")
         with pytest.raises(RefusedFile, match=rf"never hold \(getattr\({owner.__qualname__},'{name}'\)\)"):
             safe_load(str(tmp_path / "bad.pt"))
+    state["zero_stage"] = OneArgument()
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(RefusedFile, match="never hold"):  # refused, not taken for damage
+        safe_load(str(tmp_path / "bad.pt"))
 
 
 def test_damage_is_told_apart_from_a_payload(tmp_path):

@@ -110,6 +110,22 @@ def test_the_same_seed_gives_the_same_batches(uneven_shards, tok):
         torch.equal(a.image, b.image) for a, b in zip(first, other))
 
 
+def test_each_epoch_read_in_order_is_shuffled_anew(uneven_shards, tok):
+    """Read in order with a shuffle buffer: each epoch has an order of its
+    own, and a second run with the same seed has the same ones."""
+    urls, _ = uneven_shards
+    data = DataConfig(train_shards=urls, batch_size=4, augment=False, resampled=False, num_workers=1,
+                      shuffle_buffer=20)
+
+    def two_epochs():
+        loader = make_loader(data, tok, image_size=32, rank=0, world=1, seed=3)
+        return keys_of(loader), keys_of(loader)
+
+    first, second = two_epochs()
+    assert sorted(first) == sorted(second) and first != second
+    assert two_epochs() == (first, second)
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, tok):
     members = []
     for i in range(6):

@@ -131,3 +131,32 @@ def test_train_without_ray(tmp_path, tiny_shards, repo_root):
     bad = train(**{"train.workers": 2})
     assert bad.returncode == 2 and "train.workers = 2: a run without Ray trains in this process alone" in bad.stderr
     assert not (tmp_path / "ray").exists()
+
+
+def test_the_run_folder_keeps_ray_trains_checkpoints_and_prunes_its_own_by_step(tmp_path):
+    """A run without Ray in a folder a Ray run used: Ray Train's snapshot file
+    is no checkpoint, Ray Train's checkpoint folders are never pruned (its
+    next run lists them), and its own are pruned by step, so a clock set back
+    cannot make the checkpoint just written look old."""
+    run_dir = tmp_path / "run"
+    ray_own = run_dir / "checkpoint_2026-12-06_10-00-00.000000"
+    (ray_own / "state").mkdir(parents=True)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    folder = RunFolder(str(run_dir))
+    assert [c.location for c in folder.checkpoints()] == [str(ray_own)]
+    written = tmp_path / "written"
+    written.mkdir()
+    for step in (1, 2, 3):
+        (written / "step").write_text(str(step))
+        folder.report({"step": step}, str(written))
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert ray_own.name in names and "checkpoint_manager_snapshot.json" in names
+    kept = [c for c in folder.checkpoints() if c.location != str(ray_own)]
+    assert sorted(Path(c.location, "step").read_text() for c in kept) == ["2", "3"]
+    newest = max(kept, key=lambda c: Path(c.location, "step").read_text())
+    newest_path = Path(newest.location)
+    newest_path.rename(run_dir / "checkpoint_2000-01-01_00-00-00.000000")  # as if the clock had been set back
+    (written / "step").write_text("4")
+    folder.report({"step": 4}, str(written))
+    steps = sorted(Path(c.location, "step").read_text() for c in folder.checkpoints() if c.location != str(ray_own))
+    assert steps == ["3", "4"]

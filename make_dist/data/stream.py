@@ -27,9 +27,11 @@ naming the shards, where it would otherwise draw and skip forever.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -319,6 +321,17 @@ def rank_and_world(rank: int | None = None, world: int | None = None) -> tuple[i
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def shuffled(samples, *, bufsize: int, initial: int, epochs):
+    """webdataset's buffered shuffle, its order drawn from the loader's seeds
+    (webdataset's default draws from the pid and the clock): in a loader
+    process from its torch seed, which the loader's generator gives each
+    process of each epoch; here from this process's seed and the epoch."""
+    import webdataset as wds
+
+    rng = random.Random(torch.initial_seed() * 1_000_003 + next(epochs))
+    return wds.shuffle(bufsize, initial=initial, rng=rng)(samples)
+
+
 def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequence[bool] | None = None,
                   rank: int | None = None, world: int | None = None, seed: int = 0,
                   batches_per_worker: int | None = None):
@@ -343,9 +356,8 @@ def build_dataset(data: DataConfig, tokenizer, *, image_size: int, read: Sequenc
         stages = [wds.SimpleShardList(urls[rank::world]), wds.split_by_worker]
     stages.append(partial(shard_samples, failures=failures))
     if data.shuffle_buffer > 0:
-        # seeded (webdataset's default draws from the pid and the clock): the same config and seed, the same order
-        stages.append(wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100),
-                                  seed=seed * 1000 + rank))
+        stages.append(partial(shuffled, bufsize=data.shuffle_buffer, initial=min(data.shuffle_buffer, 100),
+                              epochs=itertools.count()))
     stages += [
         partial(decoded, decoder=decoder, failures=failures),
         wds.batched(data.batch_size, collation_fn=Batcher(failures), partial=not data.resampled),
@@ -371,9 +383,9 @@ def make_loader(data: DataConfig, tokenizer, *, image_size: int, read: Sequence[
                             batches_per_worker=batches_per_worker)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=data.num_workers,
-        # the loader processes' torch seeds (the augmentation's draws) from `seed`, not from whatever the
-        # caller's generator holds: the same config and seed give the same batches
-        generator=torch.Generator().manual_seed(seed),
+        # the loader processes' torch seeds (the augmentation's and the shuffle's draws) from `seed` and the
+        # rank, not from whatever the caller's generator holds: the same config and seed give the same batches
+        generator=torch.Generator().manual_seed(seed * 1000 + rank_and_world(rank, world)[0]),
         persistent_workers=data.num_workers > 0 and data.resampled,
         pin_memory=torch.cuda.is_available(),
         # batches held ahead per worker: fewer of the big ones (shared memory)

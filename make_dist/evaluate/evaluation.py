@@ -54,10 +54,11 @@ class Evaluation:
         command's options."""
         key = "evaluation." if config_keys else ""
         for task, path in self.tables.items():
-            if not exists(path, f"{key}{task}_table"):
-                raise UserError(f"{key}{task}_table: {path} does not exist")
-        if self.classes and not exists(self.classes, f"{key}classes"):
-            raise UserError(f"{key}classes: {self.classes} does not exist")
+            name = f"evaluation.{task}_table" if config_keys else "--table"
+            if not exists(path, name):
+                raise UserError(f"{name}: {path} does not exist")
+        if self.classes and not exists(self.classes, f"{key}classes" if config_keys else "--classes"):
+            raise UserError(f"{key + 'classes' if config_keys else '--classes'}: {self.classes} does not exist")
         if not self.suite_data:
             return self
         try:

@@ -113,9 +113,13 @@ def _check_metric(sweep: SweepConfig, cfg, path: Path) -> None:
     evaluation = Evaluation.from_config(cfg.evaluation)
     if not evaluation.reports(sweep.metric.removeprefix("eval/")) or not sweep.metric.startswith("eval/"):
         parts = sweep.metric.split("/")
-        if parts[:2] == ["eval", "paper"]:
+        if parts[:2] == ["eval", "paper"] and not cfg.evaluation.suite:
             raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config runs no suite "
                               f"(set evaluation.suite = paper and evaluation.suite_data)")
+        if parts[:2] == ["eval", "paper"]:
+            averages = [f"eval/{n}" for n in evaluation.metric_names() if n.startswith("paper/")]
+            raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: not one of the suite's metrics "
+                              f"({', '.join(averages)}, or eval/paper/<set>/<metric>)")
         if len(parts) == 3 and parts[0] == "eval" and parts[2] in REPORTED.get(parts[1], ()):
             raise ConfigError(f"{path}: sweep.metric = {sweep.metric}: the base config evaluates no {parts[1]!r} "
                               f"table (set evaluation.{parts[1]}_table)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ from . import engine as ds
 
 KEEP = 2  # checkpoints kept in a run folder, as Ray Train is told (CheckpointConfig(num_to_keep=2))
 PREFIX = "checkpoint_"  # and a time stamp that sorts as it was made (Ray Train's own names)
+NAME = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{6}")
+# In each checkpoint a run without Ray writes: its step. Only those are pruned by it: Ray Train's own
+# (listed in its checkpoint_manager_snapshot.json) stay for the next Ray run of the folder.
+WRITTEN_HERE = "written_without_ray"
 
 
 class Stored(Protocol):
@@ -123,19 +128,21 @@ class RunFolder:
         self.metrics: dict = {}
 
     def checkpoints(self) -> list[FolderCheckpoint]:
-        """The run's checkpoints, newest first."""
+        """The run's checkpoint folders (its own and Ray Train's), newest first."""
         try:
-            names = [p.rstrip("/").rpartition("/")[2] for p in self.fs.ls(self.root, detail=False)]
+            found = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return []
-        found = sorted((n for n in names if n.startswith(PREFIX)), reverse=True)
-        return [FolderCheckpoint(f"{self.run_dir}/{n}") for n in found]
+        names = [f["name"].rstrip("/").rpartition("/")[2] for f in found if f.get("type") == "directory"]
+        return [FolderCheckpoint(f"{self.run_dir}/{n}") for n in sorted(filter(NAME.fullmatch, names), reverse=True)]
 
     def report(self, metrics: dict, checkpoint: str | None) -> None:
         self.metrics = dict(metrics)
         if checkpoint is None:
             return
-        name = PREFIX + datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        with open(os.path.join(checkpoint, WRITTEN_HERE), "w") as f:
+            f.write(str(int(metrics["step"])))
+        name = PREFIX + datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")  # local time, as Ray Train names its own
         if self.local:
             os.makedirs(self.root, exist_ok=True)
             hidden = os.path.join(self.root, f".{name}.partial")
@@ -143,5 +150,17 @@ class RunFolder:
             os.rename(hidden, os.path.join(self.root, name))
         else:
             self.fs.put(checkpoint.rstrip("/") + "/", f"{self.root}/{name}", recursive=True)
-        for old in self.checkpoints()[KEEP:]:
-            self.fs.rm(fsspec.core.url_to_fs(old.location)[1], recursive=True)
+        self._prune()
+
+    def _prune(self) -> None:
+        """The checkpoints this run wrote beyond the KEEP of the highest steps
+        (by step, not by name: a clock set back must not make the newest look old)."""
+        own = []
+        for c in self.checkpoints():
+            path = fsspec.core.url_to_fs(c.location)[1]
+            try:
+                own.append((int(self.fs.cat_file(f"{path}/{WRITTEN_HERE}")), path))
+            except (FileNotFoundError, ValueError):
+                continue  # Ray Train's, or not whole: left alone
+        for _, path in sorted(own, reverse=True)[KEEP:]:
+            self.fs.rm(path, recursive=True)

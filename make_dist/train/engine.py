@@ -166,11 +166,12 @@ def load_checkpoint(engine, directory: str) -> dict:
     return client_state
 
 
-def _enum_member(cls, name):
+def _enum_member(*args):
     """What `builtins.getattr` means in a checkpoint, and all it may mean: a
     member of an admitted Enum class. Some Python releases (3.11.2, Debian
     12's, among them) pickle an Enum member as getattr(class, name), and
     DeepSpeed's files hold one (ZeroStageEnum); any other use is refused."""
+    cls, name = args if len(args) == 2 else (None, args)
     if (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in overrides.deepspeed_checkpoint_types()
             and isinstance(name, str) and name in cls.__members__):
         return cls[name]

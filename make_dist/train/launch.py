@@ -58,8 +58,6 @@ def check(cfg: Config) -> Config:
                   evaluation=replace(ev, **{k: absolute(getattr(ev, k)) for k in
                                             ("classify_table", "classes", "concepts_table", "retrieval_table",
                                              "images_root", "suite_data", "concept_terms") if getattr(ev, k)}))
-    if cfg.evaluation.images_root and not exists(cfg.evaluation.images_root, "evaluation.images_root"):
-        raise UserError(f"evaluation.images_root: {cfg.evaluation.images_root} does not exist")
     checked = Evaluation.from_config(cfg.evaluation).check()  # the suite's terms resolved for every worker
     cfg = replace(cfg, evaluation=replace(cfg.evaluation, concept_terms=checked.concept_terms))
     urls = shard_urls(cfg.data.train_shards, cfg.data.allow_pipe)
