@@ -158,5 +158,6 @@ def test_the_run_folder_keeps_ray_trains_checkpoints_and_prunes_its_own_by_step(
     newest_path.rename(run_dir / "checkpoint_2000-01-01_00-00-00.000000")  # as if the clock had been set back
     (written / "step").write_text("4")
     folder.report({"step": 4}, str(written))
-    steps = sorted(Path(c.location, "step").read_text() for c in folder.checkpoints() if c.location != str(ray_own))
+    steps = sorted(Path(c.location, "step").read_text() for c in folder.checkpoints()
+                   if c.location != str(ray_own))
     assert steps == ["3", "4"]

@@ -21,7 +21,7 @@ from ..data.shards import with_shards_manifest
 from ..data.stream import shard_urls
 from ..errors import Interrupted, UserError
 from ..evaluate.evaluation import Evaluation
-from ..files import check_writable, exists, missing_files, within
+from ..files import check_writable, missing_files, within
 from ..lease import Lease
 from ..progress import StepBar
 from ..tracking import RAY_JOB_TAG, Run, log_curves, open_run, tracking_uri
