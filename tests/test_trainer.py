@@ -69,7 +69,8 @@ def test_fit_checkpoints_resumes_and_exports(process_group, tmp_path, tiny_shard
     assert folder.metrics["step"] == 4 and longer.samples_seen == 4 * 16
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(process_group, tmp_path, tiny_shards, repo_root, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(process_group, tmp_path, tiny_shards, repo_root,
+                                                                  capsys):
     cfg = config(tmp_path, tiny_shards, repo_root)
     run_dir = f"{cfg.train.storage}/{cfg.train.name}"
     folder = RunFolder(run_dir)
