@@ -198,7 +198,7 @@ def find_concept_terms(data_dir: str, given: str | None = None) -> str | None:
         fs, path = fsspec.core.url_to_fs(given)
         if fs.isdir(path):
             inside = f"{given.rstrip('/')}/{AUTHORS_TERMS}"
-            if not fsspec.core.url_to_fs(inside)[0].isfile(fsspec.core.url_to_fs(inside)[1]):
+            if not fs.isfile(f"{path.rstrip('/')}/{AUTHORS_TERMS}"):
                 raise UserError(f"concept terms: {given} is a folder without {AUTHORS_TERMS}: name the authors' "
                                 f"checkout (git clone https://github.com/SiyuanYan1/MAKE) or a terms JSON file")
             return inside

@@ -6,7 +6,6 @@ import json
 import os
 import tempfile
 
-from ..files import write_atomic
 from ..tracking import Run
 from .tasks import TaskResult
 
@@ -30,10 +29,6 @@ def table(results: dict[str, list[TaskResult]]) -> str:
                                    + (f" ({len(r.skipped)} skipped)" if r.skipped else "") for r in results[m])
               for m in models]
     return "\n".join(lines + ["scored: " + "; ".join(counts)])
-
-
-def write_json(path: str, results: dict[str, list[TaskResult]]) -> None:
-    write_atomic(path, json.dumps({m: [r.to_json() for r in rs] for m, rs in results.items()}, indent=1))
 
 
 def plots(result: TaskResult, directory: str, label: str = "") -> list[str]:

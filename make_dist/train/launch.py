@@ -202,12 +202,22 @@ def _fit_here(cfg: Config, run_dir: str, parent: Run | None, params: dict | None
 
     run = _open(cfg, run_dir, parent, params, tags, quiet=False)
     logged_model = cfg.tracking.log_model and parent is None
-    try:
+    with _marked(run, parent, run_dir):
         engine.init_single_process(cfg.train.use_gpu)
         device = torch.device("cuda", torch.cuda.current_device()) if cfg.train.use_gpu else torch.device("cpu")
         folder = RunFolder(run_dir)
         Trainer(cfg, 0, 1, device, resume_from=folder.checkpoints(), reporter=folder, run=run, run_dir=run_dir,
                 log_export=not logged_model).fit()
+    return _finish(cfg, run, run_dir, folder.metrics, logged_model, quiet=False)
+
+
+@contextlib.contextmanager
+def _marked(run: Run, parent: Run | None, run_dir: str):
+    """The MLflow run's status when the fit does not end: KILLED on Ctrl-C or
+    SIGTERM (Ray's handler exits), with how to resume; FAILED otherwise (a
+    sweep's trial is marked by its sweep: a trial its scheduler stops fails here too)."""
+    try:
+        yield
     except (KeyboardInterrupt, SystemExit):
         run.finish("KILLED")
         raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
@@ -216,7 +226,6 @@ def _fit_here(cfg: Config, run_dir: str, parent: Run | None, params: dict | None
         if parent is None:
             run.finish("FAILED")
         raise
-    return _finish(cfg, run, run_dir, folder.metrics, logged_model, quiet=False)
 
 
 def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, params: dict | None,
@@ -242,23 +251,15 @@ def _fit(cfg: Config, run_dir: str, parent: Run | None, callbacks: list | None, 
             callbacks=callbacks,
         ),
     )
-    try:
-        if quiet:
-            with StepBar(run, cfg.train.steps, f"  {cfg.train.name}"):
+    with _marked(run, parent, run_dir):
+        try:
+            with StepBar(run, cfg.train.steps, f"  {cfg.train.name}") if quiet else contextlib.nullcontext():
                 result = trainer.fit()
-        else:
-            result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
-        run.finish("KILLED")
-        raise Interrupted(f"stopped: the checkpoints written so far are in {run_dir}; run the same command "
-                          f"again to resume from the last one") from None
-    except BaseException as e:
-        if parent is None:  # a sweep's trial is marked by its sweep: a trial its scheduler stops fails here too
-            run.finish("FAILED")
-        said = workers_user_error(e)
-        if said is not None:  # a worker's own words (data that makes no batch, a refused checkpoint): one line
-            raise UserError(f"{said} (MLflow run {run.id}; Ray's logs: {ray_logs()})") from None
-        raise
+        except Exception as e:
+            said = workers_user_error(e)
+            if said is not None:  # a worker's own words (data that makes no batch, a refused checkpoint): one line
+                raise UserError(f"{said} (MLflow run {run.id}; Ray's logs: {ray_logs()})") from None
+            raise
     return _finish(cfg, run, run_dir, dict(result.metrics or {}), logged_model, quiet)
 
 
